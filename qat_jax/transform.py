@@ -1,0 +1,123 @@
+"""The input-dependent, task-trained orthonormal transform of a layer (METHOD.md section 3).
+
+For a layer with input patches ``x`` of dimension ``d`` (im2col order, see :mod:`qat_jax.ops`):
+
+* calibration accumulates the second moment ``Sigma = E[x x^T]`` and :func:`pca_init` returns its
+  eigenbasis ``V0`` and eigenvalues ``lam`` (sorted descending) -- data, not trained;
+* :func:`cayley` maps an unconstrained square parameter ``P`` to the orthonormal
+  ``Q = (I - A)(I + A)^-1`` with ``A = P - P^T``; the trained basis is ``V = V0 @ Q`` (``V = V0`` at
+  ``P = 0``);
+* the importance vector is ``s = exp(rho)``, initialised by :func:`init_rho` to ``s^2 ~ lam^gamma``;
+* :func:`correlation` returns ``C = V diag(s^2) V^T`` normalised to mean eigenvalue 1
+  (``trace(C) = d``), so ``W C`` keeps the scale of ``W``.
+
+Every function is batched over leading axes: a depthwise conv has one ``d x d`` transform per
+channel (``P`` of shape ``[C, d, d]``), a regular conv or dense layer one (``[1, d, d]``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Transform math runs at full float32 precision on every backend (TPU's default matmul precision is
+# bfloat16, which would break orthonormality at 1e-5 and flip signs of B near zero).
+_HI = lax.Precision.HIGHEST
+
+__all__ = [
+    "cayley",
+    "pca_init",
+    "init_rho",
+    "importance",
+    "correlation",
+    "trained_basis",
+    "orthonormality_error",
+]
+
+
+def cayley(p: jax.Array) -> jax.Array:
+    """Orthonormal Cayley transform of an unconstrained square parameter.
+
+    ``Q = (I - A)(I + A)^-1`` with ``A = P - P^T`` (skew-symmetric, so ``I + A`` is always
+    invertible). Computed as the linear solve ``(I + A)^-1 (I - A)``, which equals the product above
+    because both factors are functions of ``A`` and commute. ``Q = I`` at ``P = 0``.
+
+    Args:
+      p: ``[..., d, d]``.
+
+    Returns:
+      ``[..., d, d]`` with ``Q^T Q = I``.
+    """
+    if p.shape[-1] != p.shape[-2]:
+        raise ValueError(f"cayley needs square matrices, got shape {p.shape}")
+    a = p - jnp.swapaxes(p, -1, -2)
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    return jnp.linalg.solve(eye + a, jnp.broadcast_to(eye - a, a.shape))
+
+
+def pca_init(second_moment: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """Eigen-decomposition of an accumulated second moment, safe for rank-deficient inputs.
+
+    Args:
+      second_moment: ``[..., d, d]``, symmetric positive semi-definite up to rounding.
+      eps: eigenvalues below ``eps * max(lam)`` are clamped to that floor (and to 0 when the whole
+        matrix is 0), so a rank-deficient input gives finite importances.
+
+    Returns:
+      ``(V0, lam)``: ``V0`` ``[..., d, d]`` orthonormal, columns are eigenvectors sorted by
+      eigenvalue descending; ``lam`` ``[..., d]`` non-negative, descending.
+    """
+    sym = 0.5 * (second_moment + jnp.swapaxes(second_moment, -1, -2))
+    lam, vecs = jnp.linalg.eigh(sym)  # ascending
+    lam = lam[..., ::-1]
+    vecs = vecs[..., ::-1]
+    top = jnp.max(lam, axis=-1, keepdims=True)
+    lam = jnp.maximum(lam, eps * jnp.maximum(top, 0.0))
+    return vecs, lam
+
+
+def init_rho(lam: jax.Array, gamma: float, floor: float = 1e-6) -> jax.Array:
+    """Importance log-scales ``rho`` with ``s^2 = exp(2 rho) ~ lam^gamma`` (mean-normalised).
+
+    ``gamma = 0`` gives ``s = 1`` (plain sign of ``W`` when ``V = I``); ``gamma = 1`` gives
+    ``C = Sigma`` up to scale. Eigenvalues below ``floor * mean(lam)`` are floored.
+    """
+    mean = jnp.mean(lam, axis=-1, keepdims=True)
+    safe_mean = jnp.where(mean > 0, mean, 1.0)
+    ratio = jnp.maximum(lam / safe_mean, floor)
+    rho = 0.5 * gamma * jnp.log(ratio)
+    return jnp.where(mean > 0, rho, 0.0)
+
+
+def importance(rho: jax.Array) -> jax.Array:
+    """The (positive) importance vector ``s = exp(rho)``."""
+    return jnp.exp(rho)
+
+
+def trained_basis(v0: jax.Array, p: jax.Array) -> jax.Array:
+    """``V = V0 @ cayley(P)``: orthonormal for every ``P``."""
+    return jnp.matmul(v0, cayley(p), precision=_HI)
+
+
+def correlation(v: jax.Array, rho: jax.Array, normalize: bool = True) -> jax.Array:
+    """Task-adapted correlation ``C = V diag(s^2) V^T`` with ``s = exp(rho)``.
+
+    Args:
+      v: ``[..., d, d]`` orthonormal basis.
+      rho: ``[..., d]`` log-importances.
+      normalize: divide ``s^2`` by its mean so that ``C``'s mean eigenvalue is 1.
+
+    Returns:
+      ``[..., d, d]`` symmetric positive definite.
+    """
+    s2 = jnp.exp(2.0 * rho)
+    if normalize:
+        s2 = s2 / jnp.mean(s2, axis=-1, keepdims=True)
+    return jnp.matmul(v * s2[..., None, :], jnp.swapaxes(v, -1, -2), precision=_HI)
+
+
+def orthonormality_error(v: jax.Array) -> jax.Array:
+    """``max |V^T V - I|`` over all matrices in the batch."""
+    eye = jnp.eye(v.shape[-1], dtype=v.dtype)
+    return jnp.max(jnp.abs(jnp.matmul(jnp.swapaxes(v, -1, -2), v, precision=_HI) - eye))
