@@ -1,0 +1,48 @@
+"""Data input for qat_jax: TFDS ArrayRecord datasets (no TensorFlow) + grain pipelines.
+
+Public API (stable; used by the trainer):
+
+* :func:`get_config_defaults` -> ``ml_collections.ConfigDict`` (fields documented there).
+* :func:`dataset_info` (cfg) -> :class:`DatasetInfo` (name, num_classes, image_shape, num_train,
+  num_eval).
+* :func:`make_train_iterator` (cfg, global_batch_size, *, seed, num_local_devices,
+  process_index=None, process_count=None) -> :class:`TrainIterator`, an infinite iterator of
+  ``{'image': float32 [D, b, H, W, C], 'label': int32 [D, b]}`` with ``get_state()`` /
+  ``set_state()`` for exact resumption.
+* :func:`make_eval_batches` (cfg, global_batch_size, *, num_local_devices, process_index=None,
+  process_count=None) -> :class:`EvalBatches`, re-iterable, batches with an extra float32
+  ``'mask'`` [D, b] (1 = real example, 0 = padding).
+* :func:`prepare` (name, manual_dir, data_dir) converts local source files into a TFDS data dir
+  (also ``python -m qat_jax.data.prepare``); :func:`ensure_prepared` (cfg) does it on first use.
+
+Datasets: ``fashion_mnist`` (default; prepared automatically from Debian's
+``dataset-fashion-mnist`` files), ``cifar10``, ``cifar100`` (``label_key='coarse_label'`` for the
+20 superclasses), ``imagenet2012`` (an existing TFDS ArrayRecord build). See docs/data.md.
+"""
+
+from qat_jax.data.pipeline import (
+    DatasetInfo,
+    EvalBatches,
+    TrainIterator,
+    dataset_info,
+    ensure_prepared,
+    get_config_defaults,
+    make_eval_batches,
+    make_train_iterator,
+)
+from qat_jax.data.preparation import is_prepared, prepare
+from qat_jax.data.sources import DataPrepareError
+
+__all__ = [
+    "DataPrepareError",
+    "DatasetInfo",
+    "EvalBatches",
+    "TrainIterator",
+    "dataset_info",
+    "ensure_prepared",
+    "get_config_defaults",
+    "is_prepared",
+    "make_eval_batches",
+    "make_train_iterator",
+    "prepare",
+]
