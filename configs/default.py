@@ -1,0 +1,93 @@
+"""The embedded default: BiTAT on Fashion-MNIST with a reduced MobileNetV2-CIFAR, on a laptop CPU.
+
+FP training, every BiTAT stage (one per inverted-residual block) and the final phase; sized to
+finish in a few minutes on a 2-core CPU. Override anything with ``--config.<key>=<value>``.
+"""
+
+import ml_collections
+
+from qat_jax.data import get_config_defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # fp | xnor | progressive | bitat_fixed | bitat (see docs/method.md).
+    c.method = "bitat"
+    # 'train_fp' trains the FP model first; a path loads a saved FP model (e.g. <workdir>/teacher).
+    c.init = "train_fp"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mobilenetv2"
+    c.model.variant = "cifar"
+    c.model.width_mult = 0.5
+    # (expansion t, channels c, repeats n, stride s) per stage: a shallow MobileNetV2-CIFAR.
+    c.model.inverted_residual_setting = (
+        (1, 16, 1, 1),
+        (6, 24, 1, 1),
+        (6, 32, 1, 2),
+        (6, 64, 1, 2),
+        (6, 96, 1, 1),
+    )
+    c.model.last_channel = 256
+    c.model.dropout_rate = 0.0
+    c.model.conv_impl = "auto"
+    c.model.dtype = "float32"
+
+    c.dataset = get_config_defaults()
+    c.dataset.name = "fashion_mnist"
+    c.dataset.image_size = 32
+
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    # Test examples used for the evaluation after each stage (-1: all; 0: none); the final
+    # evaluation always uses the whole test split.
+    c.stage_eval_examples = 2000
+
+    c.fp = ml_collections.ConfigDict()
+    c.fp.steps = 600
+    c.fp.learning_rate = 3e-3
+    c.fp.warmup_steps = 50
+    c.fp.final_lr_fraction = 0.01
+    c.fp.grad_clip = 0.0
+
+    # QAT optimizer: Adam, warmup + cosine over all QAT steps, no weight decay (our choice).
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.final_lr_fraction = 0.01
+    c.optim.grad_clip = 0.0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0
+    c.loss.kd_weight = 1.0
+    c.loss.kd_temperature = 1.0
+    c.loss.info_weight = 0.0
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.gamma = 0.25  # importance tempering exponent (METHOD.md s. 3)
+    c.quant.weight_clip = 3.0  # STE clip relative to the row rms of W C (<= 0: no clip)
+    c.quant.act_grad = "approx"  # 'approx' (ApproxSign) | 'ste'
+    c.quant.tau_init = "mean"  # 'mean' | 'zero'
+    c.quant.refine_sweeps = 0  # greedy flip sweeps when a block is materialised
+    c.quant.train_transform = True
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.granularity = "block"  # 'layer' (paper) | 'block' | 'all'
+    c.schedule.steps_per_stage = 60
+    c.schedule.final_steps = 120
+    c.schedule.final_train_latent = False
+    c.schedule.calib_batches = 2
+    c.schedule.bn_batches = 4
+
+    c.log_every = 20
+    c.log_layer_metrics = True
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.progress = True
+    # Stop (after writing a checkpoint) once this step is reached; <= 0: run to the end. For
+    # preemption drills and resume tests: rerunning the same command continues.
+    c.halt_after_step = -1
+
+    c.lock()
+    return c

@@ -1,0 +1,42 @@
+"""A tiny configuration for tests and smoke runs: seconds, not minutes (accuracy is meaningless).
+
+Derived from ``configs/default.py``: a two-block MobileNetV2-CIFAR of width 8, a few hundred
+Fashion-MNIST examples, 3 steps per stage.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load_default():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    spec = importlib.util.spec_from_file_location("qat_jax_config_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = _load_default().get_config()
+    c.unlock()
+    c.model.width_mult = 0.25
+    c.model.inverted_residual_setting = ((1, 8, 1, 1), (2, 8, 1, 2))
+    c.model.last_channel = 16
+    c.dataset.num_train_examples = 512
+    c.dataset.num_eval_examples = 200
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.stage_eval_examples = 64
+    c.fp.steps = 8
+    c.fp.warmup_steps = 2
+    c.schedule.steps_per_stage = 3
+    c.schedule.final_steps = 3
+    c.schedule.calib_batches = 1
+    c.schedule.bn_batches = 1
+    c.log_every = 2
+    c.checkpoint_every = 100
+    c.progress = False
+    c.lock()
+    return c

@@ -1,0 +1,51 @@
+"""The model zoo: MobileNetV2, ResNet-20 and ResNet-18 with binarizable convolutions.
+
+Every model is a Flax linen module called as ``model.apply(variables, x, train=...)`` on NHWC
+inputs and returning float32 logits ``[N, num_classes]``. Every conv except the stem is a
+:class:`qat_jax.layers.BinaryConv` with a ``block_id``; the stem and the classifier are FP.
+
+* :func:`create_model` builds a model by name (``'mobilenetv2'``, ``'resnet20'``,
+  ``'resnet18'``) from its constructor keyword arguments;
+* :func:`init_variables` initialises it (``train=False``, init-only collections dropped);
+* :func:`quantizable_layers` lists its binary layers (:class:`QLayer`) bottom to top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from qat_jax.models.common import QLayer, init_variables, quantizable_layers
+from qat_jax.models.mobilenetv2 import MobileNetV2
+from qat_jax.models.resnet import ResNet18, ResNet20
+
+__all__ = [
+    "MODELS",
+    "MobileNetV2",
+    "QLayer",
+    "ResNet18",
+    "ResNet20",
+    "create_model",
+    "init_variables",
+    "quantizable_layers",
+]
+
+#: Registry: model name -> module class.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mobilenetv2": MobileNetV2,
+    "resnet20": ResNet20,
+    "resnet18": ResNet18,
+}
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """The model registered as ``name`` (case-insensitive), built with ``kwargs``.
+
+    Raises:
+      ValueError: unknown ``name`` (the message lists the valid names).
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+    return MODELS[key](**kwargs)

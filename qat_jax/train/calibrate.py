@@ -1,0 +1,174 @@
+"""What happens at a stage boundary, as functions of the host train state.
+
+* :func:`calibrate_layers` -- input-dependent initialisation of the stage's layers (METHOD s. 3/5):
+  pass 1 sets each threshold ``tau`` to the per-channel input mean; pass 2 accumulates the second
+  moment ``Sigma`` of the *binarized* input patches, then ``V0, lam = eigh(Sigma)``,
+  ``rho`` so that ``s^2 ~ lam^gamma`` and ``P = 0``.
+* :func:`materialize_layers` -- ``B``, ``alpha`` of completed blocks into the ``binary`` collection.
+* :func:`apply_modes` -- writes ``w_mode``/``a_mode`` into ``qstate``.
+* :func:`reestimate_bn` -- exact BN statistics over a few train batches with no parameter update.
+
+The forward passes run through pmapped functions (``calib_fn``/``bn_fn`` built by the trainer with
+:mod:`qat_jax.train.parallel`), so statistics are global over all devices and processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qat_jax import layers as qlayers
+from qat_jax import transform
+from qat_jax.train import parallel
+from qat_jax.train.state import Path, TrainState, get_path, set_path
+
+__all__ = [
+    "calibrate_layers",
+    "materialize_layers",
+    "apply_modes",
+    "reestimate_bn",
+    "measure_bn_momentum",
+]
+
+
+def _set_qstate(state: dict, layers: Iterable[Path], name: str, value: int) -> dict:
+    for p in layers:
+        state = set_path(state, ("qstate", *p, name), np.asarray(value, np.int32))
+    return state
+
+
+def apply_modes(hstate: TrainState, modes: Mapping[Path, tuple[int, int]]) -> TrainState:
+    """Write ``{layer: (w_mode, a_mode)}`` into the (host) state's ``qstate``."""
+    st = dict(hstate.state)
+    for p, (w, a) in modes.items():
+        st = set_path(st, ("qstate", *p, "w_mode"), np.asarray(w, np.int32))
+        st = set_path(st, ("qstate", *p, "a_mode"), np.asarray(a, np.int32))
+    return hstate.replace(state=st)
+
+
+def _sum_stats(calib_fn: Callable, rvars, batches) -> dict:
+    total = None
+    for images in batches:
+        stats = parallel.to_host(calib_fn(rvars, parallel.shard(images)))
+        total = stats if total is None else jax.tree.map(np.add, total, stats)
+    if total is None:
+        raise ValueError("calibration needs at least one batch (schedule.calib_batches > 0)")
+    return total
+
+
+def calibrate_layers(
+    hstate: TrainState,
+    layers: Sequence[Path],
+    calib_fn: Callable,
+    batches: Callable[[], Iterable[np.ndarray]],
+    qcfg: qlayers.QuantConfig,
+    gamma: float,
+    tau_init: str = "mean",
+) -> TrainState:
+    """Calibrate ``layers`` on the current network (they are still in FP mode).
+
+    Args:
+      hstate: host (unreplicated) train state.
+      layers: the stage's layer paths.
+      calib_fn: pmapped :func:`qat_jax.train.steps.calib_step` (``(rvars, images) -> stats``).
+      batches: callable returning a fresh iterable of per-device image batches
+        ``[devices, b, H, W, C]`` (the same batches for both passes).
+      qcfg: the model's quant config (``transform`` decides whether pass 2 runs).
+      gamma: importance tempering exponent.
+      tau_init: ``'mean'`` (per-channel input mean) or ``'zero'``.
+    """
+    if tau_init not in ("mean", "zero"):
+        raise ValueError(f"quant.tau_init must be 'mean' or 'zero', got {tau_init!r}")
+    params = dict(hstate.params)
+    if tau_init == "mean":
+        stats = _sum_stats(calib_fn, parallel.replicate(hstate.variables), batches())
+        for p in layers:
+            s = get_path(stats, p)
+            tau = s["x_sum"] / np.maximum(s["count"], 1.0)
+            params = set_path(params, ("quant", *p, "tau"), tau.astype(np.float32))
+    else:
+        for p in layers:
+            tau = get_path(params, ("quant", *p, "tau"))
+            params = set_path(params, ("quant", *p, "tau"), np.zeros_like(tau))
+    hstate = hstate.replace(params=params)
+    if not qcfg.transform:
+        return hstate
+
+    st = _set_qstate(dict(hstate.state), layers, "calib", 1)
+    stats = _sum_stats(calib_fn, parallel.replicate({**hstate.params, **st}), batches())
+    st = _set_qstate(st, layers, "calib", 0)
+    for p in layers:
+        s = get_path(stats, p)
+        sigma = s["xxT"] / np.maximum(s["n_patches"], 1.0)
+        v0, lam = transform.pca_init(jnp.asarray(sigma))
+        rho = transform.init_rho(lam, gamma)
+        st = set_path(st, ("calib", *p, "V0"), np.asarray(v0, np.float32))
+        st = set_path(st, ("calib", *p, "lam"), np.asarray(lam, np.float32))
+        params = set_path(params, ("quant", *p, "rho"), np.asarray(rho, np.float32))
+        params = set_path(
+            params, ("quant", *p, "P"), np.zeros_like(get_path(params, ("quant", *p, "P")))
+        )
+    return hstate.replace(params=params, state=st)
+
+
+def materialize_layers(
+    hstate: TrainState,
+    layers: Sequence[Path],
+    qcfg: qlayers.QuantConfig,
+    refine_sweeps: int = 0,
+) -> TrainState:
+    """Compute ``B`` (int8 +-1) and ``alpha`` of ``layers`` and store them in ``binary``."""
+    st = dict(hstate.state)
+    for p in layers:
+        kernel = jnp.asarray(get_path(hstate.params, ("params", *p, "kernel")))
+        b_old = get_path(st, ("binary", *p, "B"))
+        groups = b_old.shape[0]
+        b, alpha, _ = qlayers.layer_binary_weights(
+            kernel,
+            groups,
+            get_path(hstate.params, ("quant", *p)),
+            get_path(st, ("calib", *p), {}),
+            qcfg,
+            refine_sweeps=refine_sweeps,
+        )
+        st = set_path(st, ("binary", *p, "B"), np.asarray(b, np.int8))
+        st = set_path(st, ("binary", *p, "alpha"), np.asarray(alpha, np.float32))
+    return hstate.replace(state=st)
+
+
+def measure_bn_momentum(bn_fn: Callable, rvars, images) -> float:
+    """Measure the models' BN momentum ``m`` from one batch (``bn_fn`` is the pmapped bn_step)."""
+    if not jax.tree.leaves(rvars.get("batch_stats", {})):
+        return 0.0
+    sharded = parallel.shard(images)
+    s0 = parallel.to_host(bn_fn(rvars, sharded, 0.0))
+    s1 = parallel.to_host(bn_fn(rvars, sharded, 1.0))
+    diffs = np.concatenate(
+        [np.ravel(b - a) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1), strict=True)]
+    )
+    m = float(np.median(diffs))
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"could not measure the BN momentum (got {m})")
+    return m
+
+
+def reestimate_bn(
+    hstate: TrainState, bn_fn: Callable, batches: Iterable[np.ndarray], momentum: float
+) -> TrainState:
+    """Replace ``batch_stats`` by their exact mean over ``batches`` (train-mode statistics)."""
+    if not jax.tree.leaves(hstate.state.get("batch_stats", {})):
+        return hstate
+    rvars = parallel.replicate(hstate.variables)
+    total, n = None, 0
+    for images in batches:
+        stats = parallel.to_host(bn_fn(rvars, parallel.shard(images), 0.0))
+        total = stats if total is None else jax.tree.map(np.add, total, stats)
+        n += 1
+    if n == 0:
+        return hstate
+    scale = 1.0 / (n * (1.0 - momentum))
+    new_bs = jax.tree.map(lambda x: (x * scale).astype(np.float32), total)
+    return hstate.replace(state={**hstate.state, "batch_stats": new_bs})

@@ -1,0 +1,72 @@
+"""The one place that decides parallelism: data-parallel ``jax.pmap`` over all devices.
+
+Everything else in qat_jax is written per device: a per-device function sees its shard of the
+batch and uses collectives over :data:`AXIS` (``lax.pmean``/``lax.psum``). This module maps such
+functions over the local devices, replicates host values onto them and brings results back.
+Across several processes ``pmap`` spans every device of every process, so the same collectives
+give global means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "batch"
+
+__all__ = ["AXIS", "pmap", "replicate", "shard", "unreplicate", "local_device_count", "to_host"]
+
+
+def local_device_count() -> int:
+    return jax.local_device_count()
+
+
+def pmap(
+    fn: Callable,
+    *,
+    static_broadcasted_argnums: Sequence[int] = (),
+    donate_argnums: Sequence[int] = (),
+    in_axes=0,
+) -> Callable:
+    """``jax.pmap`` over the local devices with the batch axis named :data:`AXIS`."""
+    return jax.pmap(
+        fn,
+        axis_name=AXIS,
+        static_broadcasted_argnums=tuple(static_broadcasted_argnums),
+        donate_argnums=tuple(donate_argnums),
+        in_axes=in_axes,
+    )
+
+
+def _local_sharding() -> NamedSharding:
+    devices = np.array(jax.local_devices())
+    return NamedSharding(Mesh(devices, (AXIS,)), PartitionSpec(AXIS))
+
+
+def replicate(tree):
+    """Copy a host pytree onto every local device (new leading device axis)."""
+    n = jax.local_device_count()
+    sharding = _local_sharding()
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding),
+        tree,
+    )
+
+
+def shard(tree):
+    """Put a host pytree whose leaves have a leading local-device axis onto the devices."""
+    sharding = _local_sharding()
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def unreplicate(tree):
+    """Take device 0's copy of a replicated pytree (as device arrays)."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def to_host(tree):
+    """``unreplicate`` and fetch to numpy (a host sync: call at log/checkpoint intervals only)."""
+    return jax.device_get(unreplicate(tree))

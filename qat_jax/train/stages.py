@@ -1,0 +1,247 @@
+"""The stage controller: the only code that knows the progressive schedule (METHOD.md s. 6).
+
+Given the model's quantizable layers in bottom-to-top order (with block ids) and the schedule
+config, it decides for every stage
+
+* which layers are quantized now (one layer, one block, or all at once),
+* every layer's modes (``w_mode``: FP / binarizing / frozen binary; ``a_mode``: FP / binary input),
+* the **freeze mask** over the trainable variables:
+
+  - latent ``W`` of the stage's layer(s): trainable; latent ``W`` of layers quantized in earlier
+    stages: frozen (bit-identical from then on); layers above, still FP: trainable;
+  - transforms ``P``, ``rho`` of every layer of the *current block* quantized so far: trainable
+    (the aggregated, block-diagonal transform); of completed blocks: frozen (materialised);
+  - thresholds ``tau`` of binarized inputs, BN, stem, classifier, biases: trainable;
+
+* which blocks are complete and must be materialised (``B``, ``alpha``) when the stage ends.
+
+Stages are laid out on the global step axis: stage ``k`` covers
+``[qat_start + k * steps_per_stage, qat_start + (k + 1) * steps_per_stage)``, then the final phase
+(everything binary) runs ``final_steps``. The controller's record (which stage has been entered)
+is a small JSON dict saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax.numpy as jnp
+
+from qat_jax.layers import BINARIZING, FP, FROZEN
+from qat_jax.train.state import Path, map_with_path
+
+__all__ = ["ScheduleConfig", "Stage", "StageController", "FP_PHASE"]
+
+FP_PHASE = -1
+GRANULARITIES = ("layer", "block", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Schedule options.
+
+    Attributes:
+      granularity: ``'layer'`` (one layer per stage, the paper's), ``'block'`` (one block per
+        stage) or ``'all'`` (every layer in one stage: all-at-once baselines).
+      steps_per_stage: train steps of each stage (> 0).
+      final_steps: steps of the final all-binary phase (>= 0).
+      train_transform: train ``P`` and ``rho`` (``False``: ``bitat_fixed``).
+      final_train_latent: in the final phase keep layers binarizing with trainable latent ``W``
+        (transforms frozen) and materialise at the end; default: everything frozen binary.
+    """
+
+    granularity: str = "layer"
+    steps_per_stage: int = 100
+    final_steps: int = 0
+    train_transform: bool = True
+    final_train_latent: bool = False
+
+    def validate(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"schedule.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if int(self.steps_per_stage) <= 0:
+            raise ValueError(
+                f"schedule.steps_per_stage must be > 0, got {self.steps_per_stage}: "
+                "set --config.schedule.steps_per_stage to a positive number"
+            )
+        if int(self.final_steps) < 0:
+            raise ValueError(f"schedule.final_steps must be >= 0, got {self.final_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage: ``layers`` are quantized at its start; ``completes`` are materialised at its end."""
+
+    index: int
+    layers: tuple[Path, ...]
+    block_id: int
+    completes: tuple[Path, ...]
+
+
+class StageController:
+    """Owns the schedule; pure Python over layer paths (no arrays, no model)."""
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[Path, int]],
+        cfg: ScheduleConfig,
+        qat_start: int = 0,
+    ):
+        cfg.validate()
+        if not layers:
+            raise ValueError("the model has no quantizable layers")
+        self.cfg = cfg
+        self.layers: tuple[Path, ...] = tuple(tuple(p) for p, _ in layers)
+        self.block_of: dict[Path, int] = {tuple(p): int(b) for p, b in layers}
+        self.qat_start = int(qat_start)
+        self.stages = self._build_stages()
+        self.entered = FP_PHASE  # record: index of the last stage whose start was applied
+
+    # -- schedule ---------------------------------------------------------------------------
+    def _build_stages(self) -> tuple[Stage, ...]:
+        g = self.cfg.granularity
+        if g == "layer":
+            groups = [(p,) for p in self.layers]
+        elif g == "block":
+            groups, seen = [], {}
+            for p in self.layers:
+                b = self.block_of[p]
+                if b not in seen:
+                    seen[b] = len(groups)
+                    groups.append(())
+                groups[seen[b]] += (p,)
+        else:
+            groups = [self.layers]
+        stages = []
+        done: set[Path] = set()
+        for i, grp in enumerate(groups):
+            done.update(grp)
+            # Blocks all of whose layers are quantized after this stage and were not complete before.
+            before = done - set(grp)
+            completes = tuple(
+                p
+                for p in self.layers
+                if self._block_done(self.block_of[p], done)
+                and not self._block_done(self.block_of[p], before)
+            )
+            stages.append(Stage(i, grp, self.block_of[grp[-1]], completes))
+        return tuple(stages)
+
+    def _block_done(self, block: int, done: set[Path]) -> bool:
+        return all(p in done for p in self.layers if self.block_of[p] == block)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def final_index(self) -> int:
+        return self.num_stages
+
+    def stage_start(self, k: int) -> int:
+        """Global step at which stage ``k`` (``k == num_stages``: the final phase) starts."""
+        return self.qat_start + k * int(self.cfg.steps_per_stage)
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage_start(self.num_stages) + int(self.cfg.final_steps)
+
+    def stage_at(self, step: int) -> int:
+        """Stage index active at global ``step`` (``FP_PHASE`` before QAT, ``num_stages`` final)."""
+        if step < self.qat_start:
+            return FP_PHASE
+        return min((step - self.qat_start) // int(self.cfg.steps_per_stage), self.num_stages)
+
+    # -- sets of layers ---------------------------------------------------------------------
+    def quantized_through(self, k: int) -> set[Path]:
+        """Layers quantized in stages ``0..k`` (all of them in the final phase)."""
+        out: set[Path] = set()
+        for s in self.stages[: max(k + 1, 0)]:
+            out.update(s.layers)
+        return out
+
+    def materialized_before(self, k: int) -> set[Path]:
+        """Layers whose block was completed (and materialised) by the end of stage ``k - 1``."""
+        out: set[Path] = set()
+        for s in self.stages[: max(k, 0)]:
+            out.update(s.completes)
+        return out
+
+    def trainable_transforms(self, k: int) -> set[Path]:
+        """Layers whose ``P``, ``rho`` train in stage ``k``: the current block's quantized layers."""
+        if not self.cfg.train_transform or k < 0 or k >= self.num_stages:
+            return set()
+        return self.quantized_through(k) - self.materialized_before(k)
+
+    # -- modes and mask ---------------------------------------------------------------------
+    def modes(self, k: int) -> dict[Path, tuple[int, int]]:
+        """``{layer: (w_mode, a_mode)}`` for stage ``k``."""
+        quantized = self.quantized_through(k)
+        frozen = self.materialized_before(k)
+        out = {}
+        for p in self.layers:
+            if k >= self.num_stages and self.cfg.final_train_latent:
+                out[p] = (BINARIZING, 1)
+            elif p in frozen:
+                out[p] = (FROZEN, 1)
+            elif p in quantized:
+                out[p] = (BINARIZING, 1)
+            else:
+                out[p] = (FP, 0)
+        return out
+
+    def _owner(self, path: Path) -> tuple[Path | None, str]:
+        """``(layer path, leaf name)`` of a trainable leaf ``(collection, *module path, name)``."""
+        module = tuple(path[1:-1])
+        return (module if module in self.block_of else None), path[-1]
+
+    def trainable(self, k: int, path: Path) -> bool:
+        """Whether the trainable leaf at ``path`` (``('params'|'quant', ..., name)``) trains in ``k``."""
+        collection = path[0]
+        layer, name = self._owner(path)
+        if k == FP_PHASE:
+            return collection == "params"
+        final = k >= self.num_stages
+        if collection == "quant":
+            if layer is None:
+                return False
+            if name == "tau":
+                return layer in self.quantized_through(k)
+            return layer in self.trainable_transforms(k)
+        if layer is not None and name == "kernel":
+            if final:
+                return self.cfg.final_train_latent
+            return layer not in self.quantized_through(k - 1)
+        return True
+
+    def mask(self, k: int, params: Mapping) -> dict:
+        """The float32 0/1 freeze mask for stage ``k``, shaped like the trainable tree ``params``."""
+        return map_with_path(
+            lambda path, _: jnp.asarray(1.0 if self.trainable(k, path) else 0.0, jnp.float32),
+            params,
+        )
+
+    def describe(self, k: int) -> str:
+        if k == FP_PHASE:
+            return "fp"
+        if k >= self.num_stages:
+            return "final"
+        names = ",".join("/".join(p) for p in self.stages[k].layers)
+        if len(names) > 60:
+            names = f"{len(self.stages[k].layers)} layers"
+        return f"stage {k + 1}/{self.num_stages} [{names}]"
+
+    # -- record -----------------------------------------------------------------------------
+    def record(self) -> dict:
+        return {"entered": int(self.entered), "num_stages": self.num_stages}
+
+    def restore(self, record: Mapping) -> None:
+        if int(record["num_stages"]) != self.num_stages:
+            raise ValueError(
+                f"checkpoint has {record['num_stages']} stages, the config gives "
+                f"{self.num_stages}: the schedule (granularity/model) changed since it was written"
+            )
+        self.entered = int(record["entered"])

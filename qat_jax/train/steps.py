@@ -1,0 +1,155 @@
+"""Pure per-device step functions; :mod:`qat_jax.train.parallel` maps them over devices.
+
+Each function sees one device's shard of the global batch and reduces over
+:data:`qat_jax.train.parallel.AXIS` with ``lax.pmean``/``lax.psum``. None of them knows the
+schedule: layer modes live in ``state.state['qstate']`` and the freeze mask in ``state.mask``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from qat_jax.train import losses
+from qat_jax.train.parallel import AXIS
+from qat_jax.train.state import TrainState
+
+__all__ = ["LossConfig", "make_train_step", "eval_step", "calib_step", "bn_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static loss options (hashable: part of the compiled step)."""
+
+    label_smoothing: float = 0.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    info_weight: float = 0.0
+
+
+def _tree_where(ok, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: LossConfig):
+    """Build ``train_step(state, batch, rng, teacher) -> (state, metrics)`` (per device).
+
+    * loss = CE (+ label smoothing) + ``kd_weight`` * KD(teacher) + ``info_weight`` * info loss;
+    * gradients are averaged over devices, multiplied by ``state.mask``; the optimizer's updates
+      are multiplied by the mask again, so a frozen leaf stays bit-identical even under Adam
+      momentum;
+    * a step whose loss or gradients are not finite leaves the state unchanged and reports
+      ``nonfinite = 1`` (the trainer stops at the next log).
+
+    ``batch``: ``{'image': [b, H, W, C] float32, 'label': [b] int32}``. ``teacher``: FP variables
+    of the teacher model, or ``None`` (then ``kd_weight`` must be 0).
+    """
+
+    def train_step(state: TrainState, batch, rng, teacher):
+        rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+        images, labels = batch["image"], batch["label"]
+        teacher_logits = None
+        if cfg.kd_weight and teacher is not None:
+            teacher_logits = model.apply(teacher, images, train=False)
+
+        def loss_fn(params):
+            logits, new_vars = model.apply(
+                {**params, **state.state},
+                images,
+                train=True,
+                mutable=["batch_stats", "losses"],
+                rngs={"dropout": rng},
+            )
+            ce = jnp.mean(losses.cross_entropy(logits, labels, cfg.label_smoothing))
+            kd = (
+                jnp.mean(losses.distillation(logits, teacher_logits, cfg.kd_temperature))
+                if teacher_logits is not None
+                else jnp.zeros((), jnp.float32)
+            )
+            info = losses.info_loss(new_vars.get("losses", {}))
+            loss = ce + cfg.kd_weight * kd + cfg.info_weight * info
+            aux = {
+                "batch_stats": new_vars.get("batch_stats", {}),
+                "metrics": {
+                    "loss": loss,
+                    "ce": ce,
+                    "kd": kd,
+                    "info": info,
+                    "accuracy": jnp.mean(losses.correct(logits, labels)),
+                },
+            }
+            return loss, aux
+
+        grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = lax.pmean(grads, AXIS)
+        grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, state.mask)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, state.mask)
+        params = optax.apply_updates(state.params, updates)
+        batch_stats = lax.pmean(aux["batch_stats"], AXIS)
+        metrics = lax.pmean(aux["metrics"], AXIS)
+
+        ok = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_tree_where(ok, params, state.params),
+            opt_state=_tree_where(ok, opt_state, state.opt_state),
+            state={
+                **state.state,
+                "batch_stats": _tree_where(ok, batch_stats, state.state["batch_stats"]),
+            },
+        )
+        metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return new_state, metrics
+
+    return train_step
+
+
+def eval_step(model: nn.Module, variables, batch) -> dict:
+    """Sums over the global batch: ``correct``, ``loss`` and ``count`` (``mask`` drops padding)."""
+    logits = model.apply(variables, batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+    sums = {
+        "correct": jnp.sum(losses.correct(logits, batch["label"]) * mask),
+        "loss": jnp.sum(losses.cross_entropy(logits, batch["label"]) * mask),
+        "count": jnp.sum(mask),
+    }
+    return lax.psum(sums, AXIS)
+
+
+def calib_step(model: nn.Module, variables, images) -> dict:
+    """Calibration statistics of every binary layer, summed over the global batch.
+
+    Layers with ``qstate/calib == 1`` also return ``xxT`` (second moment of their input patches).
+    """
+    _, new_vars = model.apply(variables, images, train=False, mutable=["calib_stats"])
+    return lax.psum(new_vars["calib_stats"], AXIS)
+
+
+def bn_step(model: nn.Module, variables, images, base: float = 0.0) -> dict:
+    """Running BN statistics after one train-mode pass from ``batch_stats`` filled with ``base``.
+
+    Flax's BN updates ``new = m * old + (1 - m) * batch_stat``. With ``base = 0`` this returns
+    ``(1 - m) * batch_stat``; comparing ``base = 0`` and ``base = 1`` measures ``m``. Used for BN
+    re-estimation (:mod:`qat_jax.train.calibrate`). Averaged over devices.
+    """
+    filled = jax.tree.map(lambda x: jnp.full_like(x, base), variables["batch_stats"])
+    _, new_vars = model.apply(
+        {**variables, "batch_stats": filled},
+        images,
+        train=True,
+        mutable=["batch_stats", "losses"],
+        rngs={"dropout": jax.random.PRNGKey(0)},
+    )
+    return lax.pmean(new_vars["batch_stats"], AXIS)

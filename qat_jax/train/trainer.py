@@ -1,0 +1,535 @@
+"""``train_and_evaluate(config, workdir)``: FP model -> W1A1 model with the progressive schedule.
+
+Flow of one run (restartable at any point with the same command):
+
+1. build data, model and the stage controller from the config; restore the latest complete
+   checkpoint if the workdir has one;
+2. FP phase (``config.init == 'train_fp'``) or load the FP model (``config.init = <path>``);
+   the FP model becomes the KD teacher and is saved to ``<workdir>/teacher``;
+3. for every stage: materialise blocks completed by the previous stage, re-estimate BN, evaluate,
+   calibrate the new layer(s), switch modes, rebuild the freeze mask, re-estimate BN, checkpoint,
+   then ``steps_per_stage`` pmapped train steps;
+4. final phase, final evaluation on the whole test set, ``summary.json`` and ``stages.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from qat_jax import data as qdata
+from qat_jax import layers as qlayers
+from qat_jax import models as qmodels
+from qat_jax.train import calibrate, checkpoint, parallel, reporting, steps
+from qat_jax.train.methods import method_settings
+from qat_jax.train.stages import FP_PHASE, ScheduleConfig, StageController
+from qat_jax.train.state import TrainState, get_path, map_with_path, split_variables
+
+__all__ = ["train_and_evaluate", "build_model", "validate_config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before any compute starts."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Fail fast, with the fix in the message, on configs that cannot run."""
+    try:
+        settings = method_settings(config.method)
+    except ValueError as e:
+        raise ConfigError(f"{e} (--config.method)") from None
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+        raise ConfigError(
+            f"batch_size={config.batch_size} must be a positive multiple of the "
+            f"{num_devices} devices: set --config.batch_size"
+        )
+    if config.eval_batch_size <= 0 or config.eval_batch_size % num_devices:
+        raise ConfigError(
+            f"eval_batch_size={config.eval_batch_size} must be a positive multiple of the "
+            f"{num_devices} devices: set --config.eval_batch_size"
+        )
+    if config.init == "train_fp" and config.fp.steps <= 0:
+        raise ConfigError(
+            "init='train_fp' needs fp.steps > 0 (or set --config.init to a checkpoint)"
+        )
+    if config.init != "train_fp" and not os.path.isdir(os.path.abspath(config.init)):
+        raise ConfigError(
+            f"init checkpoint {config.init!r} does not exist: pass the directory of a saved FP "
+            "model (e.g. <workdir>/teacher of an earlier run) or --config.init=train_fp"
+        )
+    if settings.quantize:
+        try:
+            _schedule_config(config, settings).validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if config.schedule.calib_batches <= 0:
+            raise ConfigError("schedule.calib_batches must be > 0")
+    if config.log_every <= 0 or config.checkpoint_every <= 0:
+        raise ConfigError("log_every and checkpoint_every must be > 0")
+
+
+def _schedule_config(config, settings) -> ScheduleConfig:
+    s = config.schedule
+    return ScheduleConfig(
+        granularity=settings.granularity or s.granularity,
+        steps_per_stage=int(s.steps_per_stage),
+        final_steps=int(s.final_steps),
+        train_transform=settings.train_transform and bool(config.quant.train_transform),
+        final_train_latent=bool(s.final_train_latent),
+    )
+
+
+def _quant_config(config, settings) -> qlayers.QuantConfig:
+    q = config.quant
+    return qlayers.QuantConfig(
+        transform=settings.transform,
+        weight_clip=None if q.weight_clip is None or q.weight_clip <= 0 else float(q.weight_clip),
+        act_grad=q.act_grad,
+        binarize_input=True,
+        normalize_c=True,
+    )
+
+
+def build_model(config, num_classes: int, qcfg: qlayers.QuantConfig, bn_axis_name=None):
+    """The configured model (``config.model``: ``name`` plus that model's constructor args)."""
+    kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    for key in ("inverted_residual_setting",):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(tuple(int(v) for v in row) for row in kwargs[key])
+        elif key in kwargs:
+            del kwargs[key]
+    if "dtype" in kwargs:
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    return qmodels.create_model(
+        config.model.name, num_classes=num_classes, quant=qcfg, bn_axis_name=bn_axis_name, **kwargs
+    )
+
+
+def _optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else cfg.learning_rate,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.learning_rate * cfg.final_lr_fraction,
+    )
+    parts = []
+    if cfg.grad_clip and cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adam(schedule))
+    return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+
+
+@dataclasses.dataclass
+class _Run:
+    config: Any
+    workdir: str
+    model: Any
+    qcfg: qlayers.QuantConfig
+    controller: StageController | None
+    reporter: reporting.Reporter
+    calib_pool: list
+    eval_fn: Any
+    calib_fn: Any
+    bn_fn: Any
+    bn_momentum: float = 0.9
+    history: dict = dataclasses.field(default_factory=dict)
+
+    def evaluate(self, hstate: TrainState, dcfg, teacher: bool = False) -> dict:
+        variables = hstate if teacher else hstate.variables
+        rvars = parallel.replicate(variables)
+        total = None
+        for batch in qdata.make_eval_batches(
+            dcfg, self.config.eval_batch_size, num_local_devices=jax.local_device_count()
+        ):
+            out = self.eval_fn(rvars, parallel.shard(batch))
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        total = parallel.to_host(total)
+        n = max(float(total["count"]), 1.0)
+        return {
+            "accuracy": float(total["correct"]) / n,
+            "loss": float(total["loss"]) / n,
+            "count": int(total["count"]),
+        }
+
+    def reestimate(self, hstate: TrainState) -> TrainState:
+        n = int(self.config.schedule.bn_batches)
+        return calibrate.reestimate_bn(hstate, self.bn_fn, self.calib_pool[:n], self.bn_momentum)
+
+
+def _limited(dcfg, num_eval: int):
+    d = ml_collections.ConfigDict(dcfg.to_dict())
+    if num_eval and num_eval > 0:
+        d.num_eval_examples = (
+            num_eval if d.num_eval_examples < 0 else min(num_eval, d.num_eval_examples)
+        )
+    return d
+
+
+def _quant_layer_metrics(hstate: TrainState, layers, qcfg, prev_b: dict) -> dict:
+    """Per binarizing layer: share of ``B`` entries flipped since the last log, relative error."""
+    out = {}
+    for p in layers:
+        w_mode = int(get_path(hstate.state, ("qstate", *p, "w_mode")))
+        if w_mode != qlayers.BINARIZING:
+            continue
+        kernel = jnp.asarray(get_path(hstate.params, ("params", *p, "kernel")))
+        groups = get_path(hstate.state, ("binary", *p, "B")).shape[0]
+        b, alpha, c = qlayers.layer_binary_weights(
+            kernel,
+            groups,
+            get_path(hstate.params, ("quant", *p)),
+            get_path(hstate.state, ("calib", *p), {}),
+            qcfg,
+        )
+        w = qlayers.kernel_to_matrix(kernel, groups)
+        err = float(jnp.mean(qlayers.binarize.output_error(w, alpha[..., None] * b, c)))
+        name = "/".join(p)
+        b = np.asarray(b, np.int8)
+        if name in prev_b:
+            out[f"flip/{name}"] = float(np.mean(prev_b[name] != b))
+        prev_b[name] = b
+        out[f"binerr/{name}"] = err
+    return out
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) the configured job in ``workdir``; returns the summary dict."""
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    ndev = jax.local_device_count()
+    validate_config(config, ndev * jax.process_count())
+    settings = method_settings(config.method)
+    is_main = jax.process_index() == 0
+    reporter = reporting.Reporter(workdir, enabled=is_main, progress=config.progress)
+
+    # Data.
+    dcfg = config.dataset
+    info = qdata.dataset_info(dcfg)
+    train_iter = qdata.make_train_iterator(
+        dcfg, config.batch_size, seed=config.seed, num_local_devices=ndev
+    )
+    calib_iter = qdata.make_train_iterator(
+        dcfg, config.batch_size, seed=config.seed + 7919, num_local_devices=ndev
+    )
+    n_pool = max(int(config.schedule.calib_batches), int(config.schedule.bn_batches))
+    calib_pool = [next(calib_iter)["image"] for _ in range(n_pool)]
+
+    # Model and schedule.
+    qcfg = _quant_config(config, settings)
+    model = build_model(config, info.num_classes, qcfg, bn_axis_name=parallel.AXIS)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    variables = qmodels.init_variables(model, init_rng, (1, *info.image_shape))
+    qlayer_list = qmodels.quantizable_layers(variables)
+    fp_steps = int(config.fp.steps) if config.init == "train_fp" else 0
+    controller = None
+    if settings.quantize:
+        controller = StageController(
+            [(q.path, q.block_id) for q in qlayer_list],
+            _schedule_config(config, settings),
+            qat_start=fp_steps,
+        )
+    total_steps = controller.total_steps if controller else fp_steps
+    qat_steps = total_steps - fp_steps
+    tx_fp = _optimizer(config.fp, fp_steps)
+    tx_qat = _optimizer(config.optim, max(qat_steps, 1))
+
+    trainable, state_vars = split_variables(variables)
+    # FP phase: latent weights, BN, stem and classifier train; quantizer variables do not.
+    mask0 = map_with_path(lambda path, _: np.float32(path[0] == "params"), trainable)
+    hstate = TrainState(
+        step=np.asarray(0, np.int32),
+        params=trainable,
+        state=state_vars,
+        opt_state=(tx_fp if fp_steps else tx_qat).init(trainable),
+        mask=mask0,
+    )
+    hstate = _host(hstate)
+
+    loss_cfg = steps.LossConfig(
+        label_smoothing=float(config.loss.label_smoothing),
+        kd_weight=float(config.loss.kd_weight),
+        kd_temperature=float(config.loss.kd_temperature),
+        info_weight=float(config.loss.info_weight),
+    )
+    fp_loss_cfg = dataclasses.replace(loss_cfg, kd_weight=0.0, info_weight=0.0)
+    p_train_fp = parallel.pmap(
+        steps.make_train_step(model, tx_fp, fp_loss_cfg), donate_argnums=(0,)
+    )
+    p_train_qat = parallel.pmap(steps.make_train_step(model, tx_qat, loss_cfg), donate_argnums=(0,))
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        model=model,
+        qcfg=qcfg,
+        controller=controller,
+        reporter=reporter,
+        calib_pool=calib_pool,
+        eval_fn=parallel.pmap(lambda v, b: steps.eval_step(model, v, b)),
+        calib_fn=parallel.pmap(lambda v, x: steps.calib_step(model, v, x)),
+        bn_fn=parallel.pmap(
+            lambda v, x, base: steps.bn_step(model, v, x, base), static_broadcasted_argnums=(2,)
+        ),
+    )
+    run.bn_momentum = calibrate.measure_bn_momentum(
+        run.bn_fn, parallel.replicate(hstate.variables), calib_pool[0]
+    )
+
+    # Restore.
+    ckpt = checkpoint.RunCheckpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    teacher_dir = os.path.join(workdir, "teacher")
+    teacher = None
+    stage_acc: list[dict] = []
+    fp_acc = None
+    # FP and QAT optimizers have the same structure (only their schedules differ).
+    restored = ckpt.restore_latest(hstate)
+    if restored is not None:
+        step, hstate, meta = restored
+        hstate = _host(hstate)
+        if controller:
+            controller.restore(meta["controller"])
+        train_iter.set_state(meta["data"])
+        stage_acc = meta.get("stage_acc", [])
+        fp_acc = meta.get("fp_acc")
+        t_start -= float(meta.get("elapsed", 0.0))
+        reporter.info(f"resumed from step {step} ({os.path.join(ckpt.directory, str(step))})")
+        if os.path.isdir(teacher_dir):
+            teacher = checkpoint.load_variables(teacher_dir, _fp_variables(hstate))
+    elif config.init != "train_fp":
+        fp_vars = checkpoint.load_variables(config.init, _fp_variables(hstate))
+        teacher = fp_vars
+        hstate = hstate.replace(
+            params={**hstate.params, "params": fp_vars["params"]},
+            state={**hstate.state, "batch_stats": fp_vars["batch_stats"]},
+        )
+
+    def meta(step_now):
+        return {
+            "controller": controller.record() if controller else {},
+            "data": train_iter.get_state(),
+            "config": json.loads(config.to_json_best_effort()),
+            "stage_acc": stage_acc,
+            "fp_acc": fp_acc,
+            "elapsed": time.time() - t_start,
+            "step": int(step_now),
+        }
+
+    eval_stage_cfg = _limited(dcfg, int(config.stage_eval_examples))
+    step = int(hstate.step)
+    rstate = parallel.replicate(hstate)
+    r_teacher = parallel.replicate(teacher) if teacher is not None else None
+    rng_r = parallel.replicate(train_rng)
+    images_per_step = config.batch_size
+    acc_metrics = []
+    prev_b: dict = {}
+    stage_t0 = time.time()
+
+    while step < total_steps:
+        k = controller.stage_at(step) if controller else FP_PHASE
+        if controller and k != FP_PHASE and controller.entered < k:
+            hstate = _host(parallel.unreplicate(rstate))
+            if controller.entered == FP_PHASE:
+                hstate, teacher, fp_acc = _start_qat(
+                    run, hstate, tx_qat, teacher, teacher_dir, dcfg
+                )
+                r_teacher = parallel.replicate(teacher)
+            hstate = _enter_stage(run, hstate, k, stage_acc, eval_stage_cfg, time.time() - stage_t0)
+            stage_t0 = time.time()
+            ckpt.save(step, hstate, meta(step))
+            rstate = parallel.replicate(hstate)
+        batch = parallel.shard(next(train_iter))
+        in_fp = k == FP_PHASE
+        if in_fp:
+            rstate, metrics = p_train_fp(rstate, batch, rng_r, None)
+        else:
+            rstate, metrics = p_train_qat(rstate, batch, rng_r, r_teacher)
+        acc_metrics.append(metrics)
+        step += 1
+        if step % config.log_every == 0 or step == total_steps:
+            m = jax.tree.map(lambda *xs: float(np.mean(xs)), *parallel.to_host(acc_metrics))
+            nonfinite = float(m["nonfinite"]) * len(acc_metrics)
+            acc_metrics = []
+            if nonfinite > 0:
+                raise FloatingPointError(
+                    f"non-finite loss or gradients at step {step} (those updates were skipped; the "
+                    f"last good checkpoint in {ckpt.directory} is kept): lower the learning rate "
+                    "or check the data"
+                )
+            m = {k2: float(v) for k2, v in m.items()}
+            rate = reporter.throughput(step, images_per_step)
+            phase = controller.describe(k) if controller else "fp"
+            if controller and not in_fp and config.log_layer_metrics:
+                layers_now = controller.stages[min(k, controller.num_stages - 1)].layers
+                m.update(
+                    _quant_layer_metrics(
+                        _host(parallel.unreplicate(rstate)), layers_now, qcfg, prev_b
+                    )
+                )
+            m["images_per_s"] = rate
+            reporter.write(step, "train", m)
+            reporter.line(
+                f"[{phase}] step {step}/{total_steps} {rate:.0f} img/s "
+                f"loss {m['loss']:.4f} acc {m['accuracy']:.3f}"
+            )
+        halt = int(config.halt_after_step) > 0 and step == int(config.halt_after_step)
+        if (step % config.checkpoint_every == 0 or halt) and step < total_steps:
+            ckpt.save(step, _host(parallel.unreplicate(rstate)), meta(step))
+        if halt and step < total_steps:
+            reporter.info(f"halted after step {step} (halt_after_step); rerun to resume")
+            ckpt.close()
+            reporter.close()
+            return {"halted_at": step}
+
+    # End of run.
+    hstate = _host(parallel.unreplicate(rstate))
+    if controller is None:
+        hstate = run.reestimate(hstate)
+        fp_acc = run.evaluate(hstate, dcfg)["accuracy"]
+        final = fp_acc
+    else:
+        if controller.entered < controller.final_index:
+            # Zero final steps: the last stage's blocks are materialised here.
+            hstate = _enter_stage(run, hstate, controller.final_index, stage_acc, eval_stage_cfg, 0)
+        if controller.cfg.final_train_latent:
+            hstate = calibrate.materialize_layers(
+                hstate, controller.layers, qcfg, int(config.quant.refine_sweeps)
+            )
+            hstate = calibrate.apply_modes(hstate, controller.modes(controller.final_index + 1))
+        hstate = run.reestimate(hstate)
+        final = run.evaluate(hstate, dcfg)["accuracy"]
+        stage_acc.append({"label": "final", "accuracy": final})
+    ckpt.save(step, hstate, meta(step))
+    ckpt.close()
+    summary = _summary(config, run, fp_acc, final, stage_acc, qlayer_list, time.time() - t_start)
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if stage_acc:
+            reporting.plot_stages(
+                os.path.join(workdir, "stages.png"),
+                stage_acc,
+                fp_acc,
+                f"{config.method}: test accuracy after each stage",
+            )
+        reporter.info(_format_summary(summary))
+    reporter.close()
+    return summary
+
+
+def _fp_variables(hstate: TrainState) -> dict:
+    """The FP model's variables (every mode 0) from a host state: the teacher's structure."""
+    qstate = jax.tree.map(np.zeros_like, hstate.state["qstate"])
+    return {**hstate.params, **hstate.state, "qstate": qstate}
+
+
+def _start_qat(run: _Run, hstate, tx_qat, teacher, teacher_dir, dcfg):
+    """FP phase -> QAT: freeze the teacher, save it, evaluate it, fresh QAT optimizer state."""
+    hstate = run.reestimate(hstate)
+    if teacher is None:
+        teacher = _fp_variables(hstate)
+    checkpoint.save_variables(teacher_dir, teacher)  # every process takes part
+    fp_acc = run.evaluate(hstate, dcfg)["accuracy"]
+    run.reporter.info(f"FP model: test accuracy {100 * fp_acc:.2f}%")
+    run.reporter.write(int(hstate.step), "eval", {"fp_accuracy": fp_acc})
+    hstate = hstate.replace(opt_state=tx_qat.init(hstate.params))
+    return hstate, teacher, fp_acc
+
+
+def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_seconds: float):
+    """Apply the boundary into stage ``k`` (or the final phase when ``k == num_stages``)."""
+    c = run.controller
+    cfg = run.config
+    t0 = time.time()
+    for prev in range(c.entered, k):
+        if prev >= 0:
+            hstate = calibrate.materialize_layers(
+                hstate, c.stages[prev].completes, run.qcfg, int(cfg.quant.refine_sweeps)
+            )
+    if c.entered >= 0:
+        # Accuracy after the previous stage (with its completed blocks materialised).
+        hstate = calibrate.apply_modes(hstate, _modes_after(c, c.entered))
+        hstate = run.reestimate(hstate)
+        if cfg.stage_eval_examples != 0:
+            ev = run.evaluate(hstate, eval_cfg)
+            stage_acc.append({"label": c.describe(c.entered), "accuracy": ev["accuracy"]})
+            run.reporter.write(int(hstate.step), "eval", {"stage_accuracy": ev["accuracy"]})
+            run.reporter.info(
+                f"after {c.describe(c.entered)}: test acc {100 * ev['accuracy']:.2f}% "
+                f"({stage_seconds:.1f}s)"
+            )
+    if k < c.num_stages:
+        hstate = run.reestimate(hstate)
+        hstate = calibrate.calibrate_layers(
+            hstate,
+            c.stages[k].layers,
+            run.calib_fn,
+            lambda: run.calib_pool[: int(cfg.schedule.calib_batches)],
+            run.qcfg,
+            float(cfg.quant.gamma),
+            cfg.quant.tau_init,
+        )
+    hstate = calibrate.apply_modes(hstate, c.modes(k))
+    hstate = run.reestimate(hstate)
+    hstate = hstate.replace(mask=c.mask(k, hstate.params))
+    c.entered = k
+    run.reporter.write(int(hstate.step), "transition", {"stage": k, "seconds": time.time() - t0})
+    return _host(hstate)
+
+
+def _modes_after(c: StageController, k: int):
+    """Modes at the end of stage ``k``: its completed blocks frozen binary, the rest as in ``k``."""
+    modes = dict(c.modes(k))
+    for p in c.stages[k].completes:
+        modes[p] = (qlayers.FROZEN, 1)
+    return modes
+
+
+def _summary(config, run: _Run, fp_acc, final, stage_acc, qlayer_list, seconds) -> dict:
+    return {
+        "method": config.method,
+        "model": config.model.name,
+        "dataset": config.dataset.name,
+        "fp_accuracy": fp_acc,
+        "w1a1_accuracy": final if run.controller else None,
+        "final_accuracy": final,
+        "stage_accuracy": stage_acc,
+        "num_quantizable_layers": len(qlayer_list),
+        "num_stages": run.controller.num_stages if run.controller else 0,
+        "wall_seconds": seconds,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+    }
+
+
+def _format_summary(s: dict) -> str:
+    lines = [f"== summary ({s['method']}, {s['model']} on {s['dataset']}) =="]
+    if s["fp_accuracy"] is not None:
+        lines.append(f"FP test accuracy:   {100 * s['fp_accuracy']:.2f}%")
+    if s["w1a1_accuracy"] is not None:
+        lines.append(f"W1A1 test accuracy: {100 * s['w1a1_accuracy']:.2f}%")
+    lines.append(f"stages: {s['num_stages']}, wall time {s['wall_seconds']:.1f}s")
+    return "\n".join(lines)

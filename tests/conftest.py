@@ -1,0 +1,30 @@
+"""Shared test setup.
+
+Eight simulated CPU devices for the ``pmap`` tests: ``XLA_FLAGS`` must be set before jax is
+imported (and before its backend initialises), so it is done here, at the top of the conftest that
+pytest loads before any test module.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+N_DEVICES = 8
+
+
+@pytest.fixture
+def rng():
+    """A fixed numpy generator (reference computations, random shapes' contents)."""
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def key():
+    """A fixed jax PRNG key."""
+    return jax.random.PRNGKey(0)

@@ -1,0 +1,526 @@
+"""Tests of the model zoo (``qat_jax.models``).
+
+Full-size models are only traced (``jax.eval_shape``: parameter counts, shapes, layer structure);
+everything that computes uses reduced widths/depths and 16x16 inputs to stay fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qat_jax import models
+from qat_jax.layers import BINARIZING, BinaryConv, QuantConfig
+from qat_jax.models import MobileNetV2, QLayer, ResNet18, ResNet20
+from qat_jax.models.common import _make_divisible
+
+# Reduced MobileNetV2-CIFAR: width 0.25 -> stem 8 channels, every stage _make_divisible(c/4, 8) =
+# 8 channels; block0 (t=1: depthwise + project), block1 (stride 2), block2 (identity residual),
+# block3 (stride 2), head_conv -> 64.
+SMALL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))
+SMALL_KW = dict(
+    num_classes=10,
+    width_mult=0.25,
+    variant="cifar",
+    dropout_rate=0.0,
+    inverted_residual_setting=SMALL_SETTING,
+    last_channel=64,
+)
+# (expand ratio t, output channels, stride) of each block of the reduced model, by hand.
+SMALL_BLOCKS = ((1, 8, 1), (6, 8, 2), (6, 8, 1), (6, 8, 2))
+FAST_QUANT = QuantConfig(transform=False)  # cheaper binarizing branch to compile
+X_SHAPE = (2, 16, 16, 3)
+
+
+def _compile(fn, *args):
+    """``jax.jit(fn)`` compiled for ``args`` without LLVM's backend optimisations.
+
+    These tests are compile-bound (every binary layer compiles its three weight paths), and the
+    unoptimised build compiles several times faster while computing the same function.
+    """
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)
+
+
+def _param_count(model, input_shape) -> int:
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False)
+    )
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def _abstract_variables(model, input_shape) -> dict:
+    return jax.eval_shape(
+        lambda: models.init_variables(model, jax.random.PRNGKey(0), input_shape, jit=False)
+    )
+
+
+def _qstate_paths(tree, prefix=()) -> list[tuple[str, ...]]:
+    """Module paths owning ``block`` in a (possibly abstract) ``qstate`` tree."""
+    out = [prefix] if "block" in tree else []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.extend(_qstate_paths(value, prefix + (key,)))
+    return out
+
+
+def _randomize(variables: dict, seed: int = 1) -> dict:
+    """Random BN scale/bias/statistics and classifier bias, so the comparisons are not trivial."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        if name in ("bias", "mean"):
+            return jnp.asarray(rng.normal(0.0, 0.2, leaf.shape), leaf.dtype)
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return leaf
+
+    out = dict(variables)
+    for col in ("params", "batch_stats"):
+        out[col] = jax.tree_util.tree_map_with_path(fill, variables[col])
+    return out
+
+
+def _set_modes(variables: dict, w_mode: int, a_mode: int) -> dict:
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "w_mode":
+            return jnp.full_like(leaf, w_mode)
+        if name == "a_mode":
+            return jnp.full_like(leaf, a_mode)
+        return leaf
+
+    return {**variables, "qstate": jax.tree_util.tree_map_with_path(fill, variables["qstate"])}
+
+
+def _binary_conv_calls(model, variables, x) -> list[tuple[str, ...]]:
+    """Paths of the BinaryConv modules in the order the forward pass calls them."""
+    calls = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, BinaryConv) and context.method_name == "__call__":
+            calls.append(tuple(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda v, z: model.apply(v, z, train=False), variables, x)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain Flax references (nn.Conv with explicit symmetric padding, nn.BatchNorm), named like the
+# zoo's modules so the zoo's variables apply to them unchanged.
+
+
+def _ref_bn(train, name):
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def _ref_conv(features, k, stride=1, groups=1, name=None):
+    p = k // 2
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding=((p, p), (p, p)),
+        feature_group_count=groups,
+        use_bias=False,
+        precision=jax.lax.Precision.HIGHEST,
+        name=name,
+    )
+
+
+class RefMobileNetV2(nn.Module):
+    stem: int
+    blocks: tuple
+    last: int
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.relu6(_ref_bn(train, "stem_bn")(_ref_conv(self.stem, 3, name="stem")(x)))
+        for i, (t, c, s) in enumerate(self.blocks):
+            x = RefInvertedResidual(t, c, s, name=f"block{i}")(x, train)
+        x = _ref_conv(self.last, 1, name="head_conv")(x)
+        x = nn.relu6(_ref_bn(train, "head_bn")(x))
+        return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+class RefInvertedResidual(nn.Module):
+    t: int
+    c: int
+    s: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        hidden = x.shape[-1] * self.t
+        y = x
+        if self.t != 1:
+            y = nn.relu6(_ref_bn(train, "expand_bn")(_ref_conv(hidden, 1, name="expand")(y)))
+        y = _ref_conv(hidden, 3, self.s, groups=hidden, name="depthwise")(y)
+        y = nn.relu6(_ref_bn(train, "depthwise_bn")(y))
+        y = _ref_bn(train, "project_bn")(_ref_conv(self.c, 1, name="project")(y))
+        return y + x if self.s == 1 and x.shape[-1] == self.c else y
+
+
+class RefResNet20(nn.Module):
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.relu(_ref_bn(train, "stem_bn")(_ref_conv(16, 3, name="stem")(x)))
+        i = 0
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            for j in range(3):
+                x = RefBasicBlock(width, stride if j == 0 else 1, name=f"block{i}")(x, train)
+                i += 1
+        return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+class RefBasicBlock(nn.Module):
+    c: int
+    s: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        y = nn.relu(_ref_bn(train, "bn1")(_ref_conv(self.c, 3, self.s, name="conv1")(x)))
+        y = _ref_bn(train, "bn2")(_ref_conv(self.c, 3, name="conv2")(y))
+        if self.s != 1 or x.shape[-1] != self.c:
+            x = _ref_bn(train, "shortcut_bn")(_ref_conv(self.c, 1, self.s, name="shortcut")(x))
+        return nn.relu(y + x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one real init per model, shared.
+
+
+@pytest.fixture(scope="module")
+def small_mbv2():
+    model = MobileNetV2(quant=FAST_QUANT, **SMALL_KW)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (1, *X_SHAPE[1:]))
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = ResNet20(quant=FAST_QUANT)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (1, *X_SHAPE[1:]))
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def x_input():
+    return jnp.asarray(np.random.default_rng(0).normal(size=X_SHAPE), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts and shapes (traced only).
+
+
+def test_make_divisible_matches_torchvision():
+    assert _make_divisible(32 * 1.0, 8) == 32
+    assert _make_divisible(32 * 0.25, 8) == 8
+    assert _make_divisible(24 * 0.25, 8) == 8
+    assert _make_divisible(1280 * 1.4, 8) == 1792
+    assert _make_divisible(96 * 0.35, 8) == 32  # 33.6 -> 32
+    assert _make_divisible(16 * 0.35, 8) == 8  # never below 90% of v: 5.6 -> 8
+
+
+def test_mobilenetv2_param_count_matches_torchvision():
+    # torchvision.models.mobilenet_v2(): sum(p.numel() for p in m.parameters()) == 3,504,872.
+    assert _param_count(MobileNetV2(), (1, 224, 224, 3)) == 3_504_872
+
+
+def test_resnet18_param_count_matches_torchvision():
+    # torchvision.models.resnet18(): 11,689,512 parameters.
+    assert _param_count(ResNet18(), (1, 64, 64, 3)) == 11_689_512
+
+
+def test_resnet20_param_count():
+    # stem 3*3*3*16 + BN 2*16                                              =     464
+    # stage 1: 3 blocks x (2 convs 3*3*16*16 + 2 BN 2*16)  = 3 x 4,672    =  14,016
+    # stage 2: first 3*3*16*32 + 3*3*32*32 + 2 BN 2*32 + shortcut 16*32 + BN 2*32
+    #          = 4,608 + 9,216 + 128 + 512 + 64 = 14,528; 2 more x 18,560 =  51,648
+    # stage 3: 3*3*32*64 + 3*3*64*64 + 2 BN 2*64 + shortcut 32*64 + BN 2*64
+    #          = 18,432 + 36,864 + 256 + 2,048 + 128 = 57,728; 2 x 73,984  = 205,696
+    # classifier 64*10 + 10                                                =     650
+    # total                                                                = 272,474
+    # (option A, parameter-free shortcuts, would be 272,474 - 2,752 = 269,722.)
+    assert _param_count(ResNet20(), (1, 32, 32, 3)) == 272_474
+
+
+@pytest.mark.parametrize(
+    "model, input_shape, out_shape, head_shape",
+    [
+        # ImageNet layout: 224 -> 7x7 before the head; CIFAR layout: 32 -> 4x4.
+        (MobileNetV2(), (2, 224, 224, 3), (2, 1000), (7, 7, 1280)),
+        (
+            MobileNetV2(num_classes=10, width_mult=0.5, variant="cifar"),
+            (2, 32, 32, 3),
+            (2, 10),
+            (4, 4, 1280),
+        ),
+        (
+            MobileNetV2(num_classes=10, width_mult=0.5, variant="cifar"),
+            (2, 32, 32, 1),
+            (2, 10),
+            (4, 4, 1280),
+        ),
+        (MobileNetV2(**SMALL_KW), (3, 32, 32, 1), (3, 10), (8, 8, 64)),
+        (ResNet20(), (2, 32, 32, 3), (2, 10), None),
+        (ResNet20(num_classes=7, dtype=jnp.bfloat16), (2, 32, 32, 1), (2, 7), None),
+        (ResNet18(), (2, 64, 64, 3), (2, 1000), None),
+    ],
+    ids=["mbv2-imagenet", "mbv2-cifar-rgb", "mbv2-cifar-gray", "mbv2-small"]
+    + ["r20", "r20-gray-bf16", "r18"],
+)
+def test_output_shapes(model, input_shape, out_shape, head_shape):
+    head = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == "head_conv":
+            head.append(out.shape[1:])
+        return out
+
+    def run():
+        x = jnp.zeros(input_shape)
+        variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
+        out_eval = model.apply(variables, x, train=False)
+        out_train, _ = model.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
+        )
+        return out_eval, out_train
+
+    with nn.intercept_methods(interceptor):
+        out_eval, out_train = jax.eval_shape(run)
+    assert out_eval.shape == out_shape and out_eval.dtype == jnp.float32
+    assert out_train.shape == out_shape and out_train.dtype == jnp.float32
+    if head_shape is not None:
+        assert set(head) == {head_shape}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer structure.
+
+
+def test_full_mobilenetv2_quantizable_structure():
+    # 17 inverted residuals: block0 (t=1) has depthwise + project (2 convs), the other 16 have
+    # expand + depthwise + project (48), plus head_conv: 2 + 48 + 1 = 51 binary convs.
+    model = MobileNetV2()
+    assert model.num_blocks() == 17
+    variables = _abstract_variables(model, (1, 32, 32, 3))
+    paths = set(_qstate_paths(variables["qstate"]))  # (eval_shape outputs have sorted keys)
+    assert len(paths) == 51
+    assert ("block0", "expand") not in paths and ("block1", "expand") in paths
+    assert {("block16", "project"), ("head_conv",)} <= paths
+    assert not any(p[0] in ("stem", "classifier") for p in paths)
+    assert sorted(variables) == ["batch_stats", "binary", "calib", "params", "qstate", "quant"]
+
+
+def test_resnet18_quantizable_structure():
+    # 8 BasicBlocks x 2 convs + 3 down-sampling shortcuts = 19 binary convs.
+    variables = _abstract_variables(ResNet18(), (1, 64, 64, 3))
+    paths = _qstate_paths(variables["qstate"])
+    assert len(paths) == 19
+    shortcuts = {p for p in paths if p[-1] == "shortcut"}
+    assert shortcuts == {("block2", "shortcut"), ("block4", "shortcut"), ("block6", "shortcut")}
+    assert variables["params"]["stem"]["kernel"].shape == (7, 7, 3, 64)
+
+
+def _check_layer_list(layers, calls, n_blocks):
+    assert [q.path for q in layers] == calls
+    ids = [q.block_id for q in layers]
+    assert ids == sorted(ids)
+    assert sorted(set(ids)) == list(range(n_blocks))
+    assert all(isinstance(q, QLayer) for q in layers)
+    assert not any(q.path[0] in ("stem", "classifier") for q in layers)
+
+
+def test_quantizable_layers_mobilenetv2(small_mbv2, x_input):
+    model, variables = small_mbv2
+    layers = models.quantizable_layers(variables)
+    calls = _binary_conv_calls(model, variables, x_input)
+    assert len(calls) == 2 + 3 * 3 + 1
+    _check_layer_list(layers, calls, model.num_blocks() + 1)
+    for q in layers:
+        expected = {"depthwise": "depthwise", "expand": "pointwise", "project": "pointwise"}
+        assert q.kind == expected.get(q.path[-1], "pointwise")
+        if q.path == ("head_conv",):
+            assert q.block_id == model.num_blocks() == 4
+        else:
+            assert q.block_id == int(q.path[0][len("block") :])
+    # Robust to dicts whose keys were sorted by a pytree round trip (block10 < block2, ...).
+    assert models.quantizable_layers(jax.tree.map(lambda a: a, variables)) == layers
+
+
+def test_quantizable_layers_resnet20(resnet20, x_input):
+    model, variables = resnet20
+    layers = models.quantizable_layers(variables)
+    calls = _binary_conv_calls(model, variables, x_input)
+    assert len(calls) == 9 * 2 + 2
+    _check_layer_list(layers, calls, 9)
+    kinds = {q.path: q.kind for q in layers}
+    assert kinds[("block3", "shortcut")] == "pointwise" and kinds[("block3", "conv1")] == "conv"
+    assert models.quantizable_layers(jax.tree.map(lambda a: a, variables)) == layers
+
+
+def test_init_variables_collections_and_order(small_mbv2):
+    _, variables = small_mbv2
+    # (transform=False: no ``calib`` collection; calib_stats/losses are dropped.)
+    assert set(variables) == {"params", "batch_stats", "qstate", "quant", "binary"}
+    # Creation (forward) order is kept even though the init is jitted.
+    assert list(variables["params"]) == [
+        "stem",
+        "stem_bn",
+        "block0",
+        "block1",
+        "block2",
+        "block3",
+        "head_conv",
+        "head_bn",
+        "classifier",
+    ]
+    assert list(variables["params"]["block1"]) == [
+        "expand",
+        "expand_bn",
+        "depthwise",
+        "depthwise_bn",
+        "project",
+        "project_bn",
+    ]
+    assert variables["params"]["block1"]["depthwise"]["kernel"].shape == (3, 3, 1, 48)
+    assert "kernel" in variables["params"]["stem"] and "stem" not in variables["qstate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics.
+
+
+def _compare_with_reference(model, ref, variables, x):
+    variables = _randomize(variables)
+    ref_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    ref_shapes = jax.eval_shape(lambda: ref.init(jax.random.PRNGKey(0), x, train=False))
+    assert jax.tree.structure(ref_shapes) == jax.tree.structure(ref_vars)
+
+    def both(v, rv, z):
+        out = model.apply(v, z, train=False)
+        out_t, new = model.apply(v, z, train=True, mutable=["batch_stats"])
+        ref_out = ref.apply(rv, z, train=False)
+        ref_t, ref_new = ref.apply(rv, z, train=True, mutable=["batch_stats"])
+        return (out, out_t, new["batch_stats"]), (ref_out, ref_t, ref_new["batch_stats"])
+
+    ours, theirs = _compile(both, variables, ref_vars, x)(variables, ref_vars, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    # Train and eval mode really differ (batch vs running statistics).
+    assert not np.allclose(np.asarray(ours[0]), np.asarray(ours[1]), atol=1e-3)
+
+
+def test_fp_mobilenetv2_equals_plain_flax(small_mbv2, x_input):
+    model, variables = small_mbv2
+    ref = RefMobileNetV2(stem=8, blocks=SMALL_BLOCKS, last=64, num_classes=10)
+    _compare_with_reference(model, ref, variables, x_input)
+
+
+def test_fp_resnet20_equals_plain_flax(resnet20, x_input):
+    model, variables = resnet20
+    _compare_with_reference(model, RefResNet20(), variables, x_input)
+
+
+def test_conv_impl_cpu_matches_xla(small_mbv2, x_input):
+    model, variables = small_mbv2
+    variables = _randomize(variables)
+    outs = {}
+    for impl in ("cpu", "xla"):
+        m = model.clone(conv_impl=impl)
+        f = _compile(lambda v, z, m=m: m.apply(v, z, train=False), variables, x_input)
+        outs[impl] = [f(variables, x_input), f(_set_modes(variables, BINARIZING, 1), x_input)]
+    np.testing.assert_allclose(outs["cpu"][0], outs["xla"][0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(outs["cpu"][1], outs["xla"][1], atol=1e-4, rtol=1e-4)
+
+
+def test_binarizing_mode_has_finite_gradients(x_input):
+    model = MobileNetV2(**{**SMALL_KW, "inverted_residual_setting": SMALL_SETTING[:2]})
+    variables = models.init_variables(model, jax.random.PRNGKey(2), (1, *X_SHAPE[1:]))
+    variables = _set_modes(variables, BINARIZING, 1)
+    labels = jnp.array([1, 7])
+    trainable = {"params": variables["params"], "quant": variables["quant"]}
+    state = {k: v for k, v in variables.items() if k not in trainable}
+
+    def loss_and_grad(tr):
+        def loss_fn(t):
+            logits, new = model.apply(
+                {**t, **state}, x_input, train=True, mutable=["batch_stats", "losses"]
+            )
+            ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+            info = sum(jnp.sum(v) for v in jax.tree.leaves(new["losses"]))
+            return ce + 0.1 * info, info
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(tr)
+
+    (loss, info), grads = _compile(loss_and_grad, trainable)(trainable)
+    assert np.isfinite(float(loss)) and float(info) > 0.0  # binarizing layers sow their error
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(np.asarray(g))), jax.tree_util.keystr(path)
+    for q in models.quantizable_layers(variables):
+        gq = grads["quant"]
+        for key in q.path:
+            gq = gq[key]
+        gk = grads["params"]
+        for key in q.path:
+            gk = gk[key]
+        assert np.any(np.asarray(gk["kernel"]) != 0), q.path
+        assert set(gq) == {"tau", "P", "rho"}
+    assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads["quant"]))
+
+
+def test_bn_axis_name_is_used():
+    model = ResNet20(bn_axis_name="batch")
+    x = jnp.zeros((2, 8, 8, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+
+    def train_apply(v, z):
+        return model.apply(v, z, train=True, mutable=["batch_stats"])[0]
+
+    # Synchronised BN needs the named axis: fine under vmap(axis_name=...), an error without.
+    batched = jax.vmap(train_apply, in_axes=(None, 0), axis_name="batch")
+    out = jax.eval_shape(batched, variables, jnp.zeros((4, *x.shape)))
+    assert out.shape == (4, 2, 10)
+    with pytest.raises(NameError):
+        jax.eval_shape(train_apply, variables, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+
+
+def test_create_model_registry():
+    assert isinstance(models.create_model("mobilenetv2", num_classes=10), MobileNetV2)
+    assert isinstance(models.create_model("ResNet20"), ResNet20)
+    m = models.create_model("resnet18", num_classes=5, conv_impl="xla")
+    assert isinstance(m, ResNet18) and m.num_classes == 5 and m.conv_impl == "xla"
+    with pytest.raises(ValueError, match="mobilenetv2, resnet18, resnet20"):
+        models.create_model("vgg16")
+
+
+def test_invalid_configs_raise():
+    x = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="variant"):
+        jax.eval_shape(
+            lambda: MobileNetV2(variant="tiny").init(jax.random.PRNGKey(0), x, train=False)
+        )
+    with pytest.raises(ValueError, match="inverted_residual_setting"):
+        jax.eval_shape(
+            lambda: MobileNetV2(inverted_residual_setting=((1, 16, 1),)).init(
+                jax.random.PRNGKey(0), x, train=False
+            )
+        )
+    with pytest.raises(ValueError, match="quantizable_layers needs concrete"):
+        models.quantizable_layers(_abstract_variables(ResNet20(), (1, 8, 8, 3)))

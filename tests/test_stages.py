@@ -1,0 +1,152 @@
+"""The stage controller: schedule layout, modes and the freeze mask against METHOD.md s. 6."""
+
+import numpy as np
+import pytest
+
+from qat_jax.layers import BINARIZING, FP, FROZEN
+from qat_jax.train.stages import FP_PHASE, ScheduleConfig, StageController
+
+# Two blocks of three layers (MobileNetV2-like: expand, depthwise, project) and a 1-layer head.
+LAYERS = [
+    (("b0", "expand"), 0),
+    (("b0", "dw"), 0),
+    (("b0", "project"), 0),
+    (("b1", "expand"), 1),
+    (("b1", "dw"), 1),
+    (("b1", "project"), 1),
+    (("head",), 2),
+]
+
+
+def _params():
+    """A trainable tree shaped like a model's: kernels, BN, classifier, quant variables."""
+    params = {"stem": {"kernel": 0}, "classifier": {"kernel": 0, "bias": 0}}
+    quant = {}
+    for path, _ in LAYERS:
+        node = params
+        qnode = quant
+        for key in path:
+            node = node.setdefault(key, {})
+            qnode = qnode.setdefault(key, {})
+        node["kernel"] = 0
+        qnode.update({"tau": 0, "P": 0, "rho": 0})
+    params["b0"]["bn"] = {"scale": 0, "bias": 0}
+    return {"params": params, "quant": quant}
+
+
+def _get(tree, *path):
+    for k in path:
+        tree = tree[k]
+    return float(tree)
+
+
+def test_layer_granularity_layout_and_completion():
+    c = StageController(LAYERS, ScheduleConfig("layer", steps_per_stage=10, final_steps=5), 100)
+    assert c.num_stages == 7
+    assert [s.layers for s in c.stages] == [(p,) for p, _ in LAYERS]
+    # A block completes (and is materialised) at the end of its last layer's stage.
+    assert c.stages[2].completes == (("b0", "expand"), ("b0", "dw"), ("b0", "project"))
+    assert c.stages[0].completes == () and c.stages[1].completes == ()
+    assert c.stages[6].completes == (("head",),)
+    assert c.stage_at(99) == FP_PHASE and c.stage_at(100) == 0 and c.stage_at(169) == 6
+    assert c.stage_at(170) == c.final_index and c.total_steps == 175
+
+
+def test_block_and_all_granularity():
+    c = StageController(LAYERS, ScheduleConfig("block", 10), 0)
+    assert [len(s.layers) for s in c.stages] == [3, 3, 1]
+    assert all(s.completes == s.layers for s in c.stages)
+    a = StageController(LAYERS, ScheduleConfig("all", 10), 0)
+    assert a.num_stages == 1 and a.stages[0].layers == tuple(p for p, _ in LAYERS)
+
+
+def test_modes_follow_the_schedule():
+    c = StageController(LAYERS, ScheduleConfig("layer", 10), 0)
+    m = c.modes(1)  # b0/dw being quantized; b0/expand quantized before, block not complete
+    assert m[("b0", "expand")] == (BINARIZING, 1)
+    assert m[("b0", "dw")] == (BINARIZING, 1)
+    assert m[("b0", "project")] == (FP, 0)
+    m = c.modes(3)  # b1/expand; block 0 complete and materialised
+    assert m[("b0", "project")] == (FROZEN, 1)
+    assert m[("b1", "expand")] == (BINARIZING, 1)
+    assert m[("head",)] == (FP, 0)
+    assert set(c.modes(c.final_index).values()) == {(FROZEN, 1)}
+
+
+def test_mask_matches_method_rules():
+    c = StageController(LAYERS, ScheduleConfig("layer", 10), 0)
+    p = _params()
+    fp = c.mask(FP_PHASE, p)
+    assert _get(fp, "params", "b0", "expand", "kernel") == 1
+    assert _get(fp, "quant", "b0", "expand", "P") == 0
+
+    m = c.mask(4, p)  # quantizing b1/dw; b1/expand quantized earlier in the same block
+    # latent W: current layer trainable, earlier-quantized frozen, FP layers above trainable.
+    assert _get(m, "params", "b1", "dw", "kernel") == 1
+    assert _get(m, "params", "b1", "expand", "kernel") == 0
+    assert _get(m, "params", "b0", "dw", "kernel") == 0
+    assert _get(m, "params", "b1", "project", "kernel") == 1
+    assert _get(m, "params", "head", "kernel") == 1
+    # transforms: every quantized layer of the current block (aggregation); none elsewhere.
+    for name in ("P", "rho"):
+        assert _get(m, "quant", "b1", "expand", name) == 1
+        assert _get(m, "quant", "b1", "dw", name) == 1
+        assert _get(m, "quant", "b1", "project", name) == 0
+        assert _get(m, "quant", "b0", "expand", name) == 0
+    # thresholds of binarized inputs, BN, stem and classifier train.
+    assert _get(m, "quant", "b0", "expand", "tau") == 1
+    assert _get(m, "quant", "b1", "dw", "tau") == 1
+    assert _get(m, "quant", "b1", "project", "tau") == 0
+    assert _get(m, "params", "b0", "bn", "scale") == 1
+    assert _get(m, "params", "stem", "kernel") == 1
+    assert _get(m, "params", "classifier", "bias") == 1
+
+    f = c.mask(c.final_index, p)
+    assert _get(f, "params", "b1", "dw", "kernel") == 0
+    assert _get(f, "quant", "b1", "dw", "P") == 0
+    assert _get(f, "quant", "b1", "dw", "tau") == 1
+    assert _get(f, "params", "b0", "bn", "bias") == 1
+
+
+def test_fixed_transform_never_trains_p_rho():
+    c = StageController(LAYERS, ScheduleConfig("layer", 10, train_transform=False), 0)
+    p = _params()
+    for k in range(c.num_stages):
+        m = c.mask(k, p)
+        vals = [_get(m, "quant", *path, n) for path, _ in LAYERS for n in ("P", "rho")]
+        assert not any(vals)
+
+
+def test_frozen_kernels_stay_frozen_in_every_later_stage():
+    c = StageController(LAYERS, ScheduleConfig("layer", 10), 0)
+    p = _params()
+    for k in range(c.num_stages + 1):
+        m = c.mask(k, p)
+        for j in range(min(k, c.num_stages)):
+            (layer,) = c.stages[j].layers
+            assert _get(m, "params", *layer, "kernel") == 0, (k, layer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(granularity="layer", steps_per_stage=0), "steps_per_stage"),
+        (dict(granularity="blocks", steps_per_stage=1), "granularity"),
+        (dict(granularity="layer", steps_per_stage=1, final_steps=-1), "final_steps"),
+    ],
+)
+def test_impossible_schedules_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StageController(LAYERS, ScheduleConfig(**kwargs), 0)
+
+
+def test_record_roundtrip_and_mismatch():
+    c = StageController(LAYERS, ScheduleConfig("layer", 10), 0)
+    c.entered = 3
+    d = StageController(LAYERS, ScheduleConfig("layer", 10), 0)
+    d.restore(c.record())
+    assert d.entered == 3
+    e = StageController(LAYERS, ScheduleConfig("block", 10), 0)
+    with pytest.raises(ValueError, match="stages"):
+        e.restore(c.record())
+    assert np.isfinite(c.total_steps)

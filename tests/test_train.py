@@ -1,0 +1,197 @@
+"""Train steps: loss terms, freezing, parity of the pmapped step across device counts."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qat_jax.layers import BINARIZING, QuantConfig
+from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
+from qat_jax.train import losses, steps
+from qat_jax.train.parallel import AXIS
+from qat_jax.train.stages import ScheduleConfig, StageController
+from qat_jax.train.state import TrainState, map_with_path, set_path, split_variables
+
+SETTING = ((1, 8, 1, 1), (2, 8, 1, 2))
+
+
+def _model(**kw):
+    return MobileNetV2(
+        variant="cifar",
+        num_classes=10,
+        width_mult=0.25,
+        dropout_rate=0.0,
+        inverted_residual_setting=SETTING,
+        last_channel=16,
+        bn_axis_name=AXIS,
+        **kw,
+    )
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(n, 16, 16, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, size=(n,)).astype(np.int32),
+    }
+
+
+def _state(model, tx, binarize=True, seed=0):
+    variables = init_variables(model, jax.random.PRNGKey(seed), (1, 16, 16, 1))
+    trainable, st = split_variables(variables)
+    layers = quantizable_layers(variables)
+    if binarize:  # quantize the first block
+        for q in layers[:2]:
+            st = set_path(st, ("qstate", *q.path, "w_mode"), np.int32(BINARIZING))
+            st = set_path(st, ("qstate", *q.path, "a_mode"), np.int32(1))
+            # A threshold inside the ReLU6 range: with tau = 0 every input would be +1 (METHOD.md
+            # s. 5), BN variances would collapse to rounding noise and nothing would be testable.
+            tau = trainable["quant"][q.path[0]][q.path[1]]["tau"]
+            trainable = set_path(trainable, ("quant", *q.path, "tau"), np.full_like(tau, 0.3))
+    mask = map_with_path(lambda p, _: np.float32(1.0), trainable)
+    return TrainState(
+        step=np.int32(0), params=trainable, state=st, opt_state=tx.init(trainable), mask=mask
+    ), layers
+
+
+def _pmapped(fn, n_dev):
+    return jax.pmap(fn, axis_name=AXIS, devices=jax.local_devices()[:n_dev])
+
+
+def _rep(tree, n):
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+
+
+def _split(batch, n):
+    return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+
+def _grads(model, state, batch, cfg, teacher=None):
+    """Gradient of the full train loss through a one-device pmapped train step with SGD(lr=1)."""
+    tx = optax.sgd(1.0)
+    st = state.replace(opt_state=tx.init(state.params))
+    step = _pmapped(lambda s, b, r, t: steps.make_train_step(model, tx, cfg)(s, b, r, t), 1)
+    new, _ = step(_rep(st, 1), _split(batch, 1), _rep(jax.random.PRNGKey(0), 1), teacher)
+    return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b)[0], st.params, new.params)
+
+
+def test_kd_and_info_terms_add_their_gradients():
+    model = _model()
+    state, _ = _state(model, optax.sgd(1.0))
+    batch = _batch(8)
+    teacher_state, _ = _state(model, optax.sgd(1.0), binarize=False, seed=1)
+    teacher = _rep(teacher_state.variables, 1)
+    g_ce = _grads(model, state, batch, steps.LossConfig())
+    g_kd = _grads(model, state, batch, steps.LossConfig(kd_weight=0.7, kd_temperature=2.0), teacher)
+    g_info = _grads(model, state, batch, steps.LossConfig(info_weight=0.3))
+
+    # The same terms computed directly with jax.grad (BN in train mode, batch statistics).
+    model_local = _model().clone(bn_axis_name=None)
+
+    def term_local(params, which):
+        variables = {**params, **state.state}
+        logits, new = model_local.apply(
+            variables, batch["image"], train=True, mutable=["batch_stats", "losses"]
+        )
+        if which == "kd":
+            t_logits = model_local.apply(teacher_state.variables, batch["image"], train=False)
+            return jnp.mean(losses.distillation(logits, t_logits, 2.0))
+        return losses.info_loss(new["losses"])
+
+    d_kd = jax.grad(term_local)(state.params, "kd")
+    d_info = jax.grad(term_local)(state.params, "info")
+    info_value = float(term_local(state.params, "info"))
+    assert info_value > 0.05  # binarizing layers have a real binarization error
+
+    for got, base, extra, w in ((g_kd, g_ce, d_kd, 0.7), (g_info, g_ce, d_info, 0.3)):
+        flat_got = jax.tree.leaves(got)
+        flat_expect = jax.tree.leaves(
+            jax.tree.map(lambda b, e, w=w: b + w * np.asarray(e), base, extra)
+        )
+        for a, b in zip(flat_got, flat_expect, strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    # And the extra terms are not zero (the test would pass trivially otherwise).
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(d_kd)) > 1e-4
+    assert float(np.abs(d_info["quant"]["block0"]["depthwise"]["rho"]).max()) > 1e-6
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_pmapped_step_matches_one_device(binarize):
+    """8 devices x 2 examples == 1 device x 16 examples (BN statistics synchronised)."""
+    assert jax.local_device_count() >= 8
+    model = _model()
+    # SGD: Adam's normalisation would amplify float rounding of near-zero gradients.
+    tx = optax.sgd(0.1, momentum=0.9)
+    state, _ = _state(model, tx, binarize=binarize)
+    fn = steps.make_train_step(model, tx, steps.LossConfig())
+    outs = []
+    for n in (1, 8):
+        step = _pmapped(fn, n)
+        s = _rep(state, n)
+        for i in range(2):
+            s, metrics = step(
+                s, _split(_batch(16, seed=i), n), _rep(jax.random.PRNGKey(0), n), None
+            )
+        outs.append((jax.tree.map(lambda x: np.asarray(x)[0], s), metrics))
+    (s1, m1), (s8, m8) = outs
+    np.testing.assert_allclose(np.asarray(m1["loss"])[0], np.asarray(m8["loss"])[0], rtol=1e-5)
+    pairs = list(zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True))
+    pairs += list(
+        zip(
+            jax.tree.leaves(s1.state["batch_stats"]),
+            jax.tree.leaves(s8.state["batch_stats"]),
+            strict=True,
+        )
+    )
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_freezes_leaves_bit_exactly_under_adam():
+    model = _model()
+    tx = optax.adam(1e-1)
+    state, layers = _state(model, tx)
+    ctrl = StageController([(q.path, q.block_id) for q in layers], ScheduleConfig("layer", 1), 0)
+    fn = _pmapped(steps.make_train_step(model, tx, steps.LossConfig()), 1)
+    s = _rep(state, 1)
+    # Two steps with everything trainable (builds up Adam momentum), then freeze per stage 1.
+    for i in range(2):
+        s, _ = fn(s, _split(_batch(8, i), 1), _rep(jax.random.PRNGKey(0), 1), None)
+    mask = ctrl.mask(1, state.params)
+    s = s.replace(mask=_rep(mask, 1))
+    before = jax.tree.map(lambda x: np.array(x[0]), s.params)
+    for i in range(3):
+        s, _ = fn(s, _split(_batch(8, 10 + i), 1), _rep(jax.random.PRNGKey(0), 1), None)
+    after = jax.tree.map(lambda x: np.array(x[0]), s.params)
+    frozen_kernel = ("params", *layers[0].path, "kernel")
+    live_kernel = ("params", *layers[1].path, "kernel")
+
+    def get(tree, path):
+        for k in path:
+            tree = tree[k]
+        return tree
+
+    np.testing.assert_array_equal(get(before, frozen_kernel), get(after, frozen_kernel))
+    assert not np.array_equal(get(before, live_kernel), get(after, live_kernel))
+
+
+def test_nonfinite_step_leaves_state_unchanged():
+    model = _model()
+    tx = optax.adam(1e-2)
+    state, _ = _state(model, tx)
+    fn = _pmapped(steps.make_train_step(model, tx, steps.LossConfig()), 1)
+    batch = _batch(8)
+    batch["image"][0, 0, 0, 0] = np.nan
+    s, metrics = fn(_rep(state, 1), _split(batch, 1), _rep(jax.random.PRNGKey(0), 1), None)
+    assert float(np.asarray(metrics["nonfinite"])[0]) == 1.0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[0])
+
+
+def test_quant_config_is_static_and_hashable():
+    assert hash(QuantConfig()) == hash(QuantConfig())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QuantConfig().transform = False  # type: ignore[misc]
