@@ -52,8 +52,18 @@ def cayley(p: jax.Array) -> jax.Array:
     if p.shape[-1] != p.shape[-2]:
         raise ValueError(f"cayley needs square matrices, got shape {p.shape}")
     a = p - jnp.swapaxes(p, -1, -2)
-    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
-    return jnp.linalg.solve(eye + a, jnp.broadcast_to(eye - a, a.shape))
+    return jnp.linalg.solve(_add_identity(a), _add_identity(-a))
+
+
+def _add_identity(m: jax.Array) -> jax.Array:
+    """``m + I`` as a diagonal scatter-add.
+
+    XLA:CPU (jax 0.10.2) segfaults on ``jit`` of ``jnp.eye(d) + P - P.T`` for d around 900-1000
+    (a fusion of the iota-built identity with the transpose); the scatter-add avoids that fusion.
+    ``tests/test_transform.py::test_cayley_jit_d960_runs`` guards it.
+    """
+    idx = jnp.arange(m.shape[-1])
+    return m.at[..., idx, idx].add(jnp.asarray(1, m.dtype))
 
 
 def pca_init(second_moment: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
