@@ -42,12 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     # Test examples used for the evaluation after each stage (-1: all; 0: none); the final
     # evaluation always uses the whole test split.
-    c.stage_eval_examples = 2000
+    c.stage_eval_examples = 1000
 
     c.fp = ml_collections.ConfigDict()
-    c.fp.steps = 600
+    c.fp.steps = 300
     c.fp.learning_rate = 3e-3
-    c.fp.warmup_steps = 50
+    c.fp.warmup_steps = 30
     c.fp.final_lr_fraction = 0.01
     c.fp.grad_clip = 0.0
 
@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.granularity = "block"  # 'layer' (paper) | 'block' | 'all'
-    c.schedule.steps_per_stage = 60
-    c.schedule.final_steps = 120
+    c.schedule.steps_per_stage = 30
+    c.schedule.final_steps = 60
     c.schedule.final_train_latent = False
     c.schedule.calib_batches = 2
     c.schedule.bn_batches = 4

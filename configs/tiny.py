@@ -4,23 +4,13 @@ Derived from ``configs/default.py``: a two-block MobileNetV2-CIFAR of width 8, a
 Fashion-MNIST examples, 3 steps per stage.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load_default():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("qat_jax_config_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from qat_jax.train.config_files import load_sibling
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = _load_default().get_config()
-    c.unlock()
+    c = load_sibling(__file__, "default.py")
     c.model.width_mult = 0.25
     c.model.inverted_residual_setting = ((1, 8, 1, 1), (2, 8, 1, 2))
     c.model.last_channel = 16

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qat_jax.hostenv import tune_malloc
 from qat_jax.train import ConfigError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
@@ -22,6 +23,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    tune_malloc()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, FileNotFoundError) as e:

@@ -15,6 +15,7 @@ Flow of one run (restartable at any point with the same command):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -151,7 +152,13 @@ class _Run:
     calib_fn: Any
     bn_fn: Any
     bn_momentum: float = 0.9
-    history: dict = dataclasses.field(default_factory=dict)
+    # Wall seconds by part of the run (this process, this session): startup (data, model, compiles
+    # of the helpers), fp_train, qat_train (incl. the first compile of each step), transitions
+    # (stage boundaries incl. their evaluations), final (final evaluation and checkpoint).
+    timing: dict = dataclasses.field(default_factory=dict)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timing[key] = self.timing.get(key, 0.0) + float(seconds)
 
     def evaluate(self, hstate: TrainState, dcfg, teacher: bool = False) -> dict:
         variables = hstate if teacher else hstate.variables
@@ -184,30 +191,33 @@ def _limited(dcfg, num_eval: int):
     return d
 
 
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _binary_and_error(kernel, groups, quant_vars, calib_vars, qcfg):
+    b, alpha, c = qlayers.layer_binary_weights(kernel, groups, quant_vars, calib_vars, qcfg)
+    w = qlayers.kernel_to_matrix(kernel, groups)
+    err = jnp.mean(qlayers.binarize.output_error(w, alpha[..., None] * b, c))
+    return b.astype(jnp.int8), err
+
+
 def _quant_layer_metrics(hstate: TrainState, layers, qcfg, prev_b: dict) -> dict:
     """Per binarizing layer: share of ``B`` entries flipped since the last log, relative error."""
     out = {}
     for p in layers:
-        w_mode = int(get_path(hstate.state, ("qstate", *p, "w_mode")))
-        if w_mode != qlayers.BINARIZING:
+        if int(get_path(hstate.state, ("qstate", *p, "w_mode"))) != qlayers.BINARIZING:
             continue
-        kernel = jnp.asarray(get_path(hstate.params, ("params", *p, "kernel")))
-        groups = get_path(hstate.state, ("binary", *p, "B")).shape[0]
-        b, alpha, c = qlayers.layer_binary_weights(
-            kernel,
-            groups,
+        b, err = _binary_and_error(
+            get_path(hstate.params, ("params", *p, "kernel")),
+            get_path(hstate.state, ("binary", *p, "B")).shape[0],
             get_path(hstate.params, ("quant", *p)),
             get_path(hstate.state, ("calib", *p), {}),
             qcfg,
         )
-        w = qlayers.kernel_to_matrix(kernel, groups)
-        err = float(jnp.mean(qlayers.binarize.output_error(w, alpha[..., None] * b, c)))
         name = "/".join(p)
-        b = np.asarray(b, np.int8)
+        b = np.asarray(b)
         if name in prev_b:
             out[f"flip/{name}"] = float(np.mean(prev_b[name] != b))
         prev_b[name] = b
-        out[f"binerr/{name}"] = err
+        out[f"binerr/{name}"] = float(err)
     return out
 
 
@@ -217,7 +227,7 @@ def _host(tree):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) the configured job in ``workdir``; returns the summary dict."""
-    t_start = time.time()
+    t_start = t_session = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     ndev = jax.local_device_count()
@@ -335,6 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "stage_acc": stage_acc,
             "fp_acc": fp_acc,
             "elapsed": time.time() - t_start,
+            "rng": np.asarray(train_rng).tolist(),
             "step": int(step_now),
         }
 
@@ -347,8 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     acc_metrics = []
     prev_b: dict = {}
     stage_t0 = time.time()
+    run.add_time("startup", time.time() - t_session)
 
     while step < total_steps:
+        t_iter = time.time()
         k = controller.stage_at(step) if controller else FP_PHASE
         if controller and k != FP_PHASE and controller.entered < k:
             hstate = _host(parallel.unreplicate(rstate))
@@ -361,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stage_t0 = time.time()
             ckpt.save(step, hstate, meta(step))
             rstate = parallel.replicate(hstate)
+            run.add_time("transitions", time.time() - t_iter)
+            t_iter = time.time()
         batch = parallel.shard(next(train_iter))
         in_fp = k == FP_PHASE
         if in_fp:
@@ -369,6 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             rstate, metrics = p_train_qat(rstate, batch, rng_r, r_teacher)
         acc_metrics.append(metrics)
         step += 1
+        run.add_time("fp_train" if in_fp else "qat_train", time.time() - t_iter)
         if step % config.log_every == 0 or step == total_steps:
             m = jax.tree.map(lambda *xs: float(np.mean(xs)), *parallel.to_host(acc_metrics))
             nonfinite = float(m["nonfinite"]) * len(acc_metrics)
@@ -405,6 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             return {"halted_at": step}
 
     # End of run.
+    t_final = time.time()
     hstate = _host(parallel.unreplicate(rstate))
     if controller is None:
         hstate = run.reestimate(hstate)
@@ -424,6 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stage_acc.append({"label": "final", "accuracy": final})
     ckpt.save(step, hstate, meta(step))
     ckpt.close()
+    run.add_time("final", time.time() - t_final)
     summary = _summary(config, run, fp_acc, final, stage_acc, qlayer_list, time.time() - t_start)
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -520,6 +538,7 @@ def _summary(config, run: _Run, fp_acc, final, stage_acc, qlayer_list, seconds) 
         "num_quantizable_layers": len(qlayer_list),
         "num_stages": run.controller.num_stages if run.controller else 0,
         "wall_seconds": seconds,
+        "timing_seconds": {k: round(v, 2) for k, v in run.timing.items()},
         "devices": jax.device_count(),
         "backend": jax.default_backend(),
     }

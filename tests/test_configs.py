@@ -1,0 +1,34 @@
+"""Every shipped config loads, is locked against unknown keys, and builds its model."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qat_jax.data import get_config_defaults
+from qat_jax.train.config_files import load_config_file
+from qat_jax.train.methods import method_settings
+from qat_jax.train.trainer import _quant_config, build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
+CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "imagenet2012": 3}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_locked_and_builds(path):
+    c = load_config_file(path)
+    with pytest.raises(AttributeError):
+        c.no_such_key = 1
+    with pytest.raises(AttributeError):
+        c.schedule.no_such_key = 1
+    assert set(get_config_defaults().keys()) <= set(c.dataset.keys())
+    settings = method_settings(c.method)
+    model = build_model(c, NUM_CLASSES[c.dataset.name], _quant_config(c, settings))
+    size = c.dataset.image_size
+    x = jax.ShapeDtypeStruct((2, size, size, CHANNELS[c.dataset.name]), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+    assert "params" in shapes and "qstate" in shapes
