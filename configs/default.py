@@ -42,10 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     # Test examples used for the evaluation after each stage (-1: all; 0: none); the final
     # evaluation always uses the whole test split.
-    c.stage_eval_examples = 1000
+    c.stage_eval_examples = 500
 
     c.fp = ml_collections.ConfigDict()
-    c.fp.steps = 300
+    c.fp.steps = 280
     c.fp.learning_rate = 3e-3
     c.fp.warmup_steps = 30
     c.fp.final_lr_fraction = 0.01
@@ -75,12 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict()
     c.schedule.granularity = "block"  # 'layer' (paper) | 'block' | 'all'
     c.schedule.steps_per_stage = 30
-    c.schedule.final_steps = 60
+    c.schedule.final_steps = 40
     c.schedule.final_train_latent = False
     c.schedule.calib_batches = 2
     c.schedule.bn_batches = 4
 
-    c.log_every = 20
+    c.log_every = 30
     c.log_layer_metrics = True
     c.checkpoint_every = 500
     c.keep_checkpoints = 3

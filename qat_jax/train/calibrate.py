@@ -14,6 +14,7 @@ The forward passes run through pmapped functions (``calib_fn``/``bn_fn`` built b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -103,8 +104,7 @@ def calibrate_layers(
     for p in layers:
         s = get_path(stats, p)
         sigma = s["xxT"] / np.maximum(s["n_patches"], 1.0)
-        v0, lam = transform.pca_init(jnp.asarray(sigma))
-        rho = transform.init_rho(lam, gamma)
+        v0, lam, rho = _pca_and_importance(jnp.asarray(sigma, jnp.float32), gamma)
         st = set_path(st, ("calib", *p, "V0"), np.asarray(v0, np.float32))
         st = set_path(st, ("calib", *p, "lam"), np.asarray(lam, np.float32))
         params = set_path(params, ("quant", *p, "rho"), np.asarray(rho, np.float32))
@@ -112,6 +112,15 @@ def calibrate_layers(
             params, ("quant", *p, "P"), np.zeros_like(get_path(params, ("quant", *p, "P")))
         )
     return hstate.replace(params=params, state=st)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _pca_and_importance(sigma, gamma):
+    v0, lam = transform.pca_init(sigma)
+    return v0, lam, transform.init_rho(lam, gamma)
+
+
+_binary_weights = jax.jit(qlayers.layer_binary_weights, static_argnums=(1, 4, 5))
 
 
 def materialize_layers(
@@ -126,7 +135,7 @@ def materialize_layers(
         kernel = jnp.asarray(get_path(hstate.params, ("params", *p, "kernel")))
         b_old = get_path(st, ("binary", *p, "B"))
         groups = b_old.shape[0]
-        b, alpha, _ = qlayers.layer_binary_weights(
+        b, alpha, _ = _binary_weights(
             kernel,
             groups,
             get_path(hstate.params, ("quant", *p)),

@@ -384,7 +384,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             rstate, metrics = p_train_qat(rstate, batch, rng_r, r_teacher)
         acc_metrics.append(metrics)
         step += 1
-        run.add_time("fp_train" if in_fp else "qat_train", time.time() - t_iter)
         if step % config.log_every == 0 or step == total_steps:
             m = jax.tree.map(lambda *xs: float(np.mean(xs)), *parallel.to_host(acc_metrics))
             nonfinite = float(m["nonfinite"]) * len(acc_metrics)
@@ -411,6 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"[{phase}] step {step}/{total_steps} {rate:.0f} img/s "
                 f"loss {m['loss']:.4f} acc {m['accuracy']:.3f}"
             )
+        # Steps run asynchronously: their time shows up at the log's host sync, so the phase time
+        # includes the logging (and the per-layer metrics).
+        run.add_time("fp_train" if in_fp else "qat_train", time.time() - t_iter)
         halt = int(config.halt_after_step) > 0 and step == int(config.halt_after_step)
         if (step % config.checkpoint_every == 0 or halt) and step < total_steps:
             ckpt.save(step, _host(parallel.unreplicate(rstate)), meta(step))
@@ -500,7 +502,8 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
                 f"({stage_seconds:.1f}s)"
             )
     if k < c.num_stages:
-        hstate = run.reestimate(hstate)
+        # BN statistics are current here: re-estimated after the previous stage's last switch
+        # (just above, or before the FP evaluation when k == 0).
         hstate = calibrate.calibrate_layers(
             hstate,
             c.stages[k].layers,
