@@ -9,6 +9,7 @@ The public namespace is small on purpose:
 * ``qat_jax.models``: ``MobileNetV2``, ``ResNet20``, ``ResNet18``.
 """
 
+from qat_jax import models
 from qat_jax.binarize import importance_binarize
 from qat_jax.layers import BINARIZING, FP, FROZEN, BinaryConv, BinaryDense, QuantConfig
 from qat_jax.quantizers import approx_sign, rsign, ste_sign, xnor_binarize
@@ -27,6 +28,7 @@ __all__ = [
     "cayley",
     "correlation",
     "importance_binarize",
+    "models",
     "pca_init",
     "rsign",
     "ste_sign",
