@@ -1,0 +1,43 @@
+"""Deployment: a bit-packed ``.qat`` file and a packed XNOR-popcount forward in JAX.
+
+* :func:`export_run` (``python -m qat_jax.export --workdir=DIR --out=model.qat``) writes the final
+  model of a run: each binary conv's ``B`` packed 1 bit per weight, its ``alpha``, its activation
+  thresholds ``tau``, the following BN folded into a per-channel affine, and the FP layers (stem,
+  classifier) as float32 -- no latent weights, no transform;
+* :func:`load_packed` reads a file back; ``PackedModel(x)`` runs the packed forward;
+* :func:`load_run_variables` restores a run's final model (for evaluation or export).
+
+The byte layout is documented in docs/deployment.md.
+"""
+
+from qat_jax.export.fileformat import FormatError, read_container, write_container
+from qat_jax.export.graph import ExportError, build_graph
+from qat_jax.export.inference import make_packed_forward, packed_forward
+from qat_jax.export.model_file import (
+    PackedModel,
+    RunVariables,
+    export_model,
+    export_run,
+    load_packed,
+    load_run_variables,
+)
+from qat_jax.export.packing import binary_conv_packed, pack_rows, unpack_rows
+
+__all__ = [
+    "ExportError",
+    "FormatError",
+    "PackedModel",
+    "RunVariables",
+    "binary_conv_packed",
+    "build_graph",
+    "export_model",
+    "export_run",
+    "load_packed",
+    "load_run_variables",
+    "make_packed_forward",
+    "pack_rows",
+    "packed_forward",
+    "read_container",
+    "unpack_rows",
+    "write_container",
+]

@@ -1,0 +1,42 @@
+"""``python -m qat_jax.export --workdir=DIR --out=model.qat``: export a finished run.
+
+Writes the bit-packed ``.qat`` file (docs/deployment.md) of the run's final checkpoint and prints
+its size next to the FP32 size of the same model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from qat_jax.export.model_file import export_run, load_packed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished run.")
+_OUT = flags.DEFINE_string("out", None, "Output .qat file.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        size = export_run(_WORKDIR.value, _OUT.value, _STEP.value)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    packed = load_packed(_OUT.value)
+    n_bin = packed.binary_bits()
+    n_fp = sum(v.size for k, v in packed.tensors.items() if v.dtype.name == "float32")
+    print(
+        f"wrote {os.path.abspath(_OUT.value)}: {size} bytes "
+        f"({n_bin} binary weights in {sum(v.nbytes for v in packed.tensors.values() if v.dtype.name == 'uint32')} "
+        f"bytes of packed words, {n_fp} float32 values)"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,181 @@
+"""Export a finished run to a ``.qat`` file and load one back as a packed model.
+
+* :func:`load_run_variables` restores the final (latest) checkpoint of a run's workdir and rebuilds
+  its model from the config saved in the checkpoint;
+* :func:`export_model` / :func:`export_run` write the ``.qat`` file (format: docs/deployment.md);
+* :func:`load_packed` reads it back as a :class:`PackedModel` whose ``__call__`` is the packed
+  XNOR-popcount forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qat_jax import layers as qlayers
+from qat_jax.data import registry
+from qat_jax.export import fileformat, graph
+from qat_jax.export.inference import make_packed_forward
+from qat_jax.export.packing import WORD_BITS
+from qat_jax.train.methods import method_settings
+from qat_jax.train.trainer import build_model
+
+__all__ = [
+    "FORMAT_NAME",
+    "RunVariables",
+    "PackedModel",
+    "load_run_variables",
+    "export_model",
+    "export_run",
+    "load_packed",
+]
+
+FORMAT_NAME = "qat_jax.packed"
+
+
+@dataclasses.dataclass
+class RunVariables:
+    """A run's final model: ``model.apply(variables, x, train=False)`` gives its eval logits.
+
+    Attributes:
+      model: the Flax module rebuilt from the saved config.
+      variables: all collections (``params``, ``batch_stats``, ``qstate``, ``binary``, ...).
+      config: the run's config (``ConfigDict``).
+      step: the checkpoint's step.
+      input_shape: ``(H, W, C)`` of the model's input.
+    """
+
+    model: Any
+    variables: dict
+    config: ml_collections.ConfigDict
+    step: int
+    input_shape: tuple[int, int, int]
+
+
+def load_run_variables(workdir: str, step: int | None = None) -> RunVariables:
+    """Restore a run's checkpoint (default: the latest, i.e. the final model of a finished run).
+
+    The model is rebuilt from the config stored in the checkpoint's metadata; the number of classes
+    and input channels are read from the classifier and stem kernels.
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = (
+        sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+        if os.path.isdir(directory)
+        else []
+    )
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}: is {workdir} a run's workdir?")
+    step = steps[-1] if step is None else int(step)
+    with ocp.CheckpointManager(directory, item_names=("state", "meta")) as manager:
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+    state, meta = out["state"], dict(out["meta"])
+    config = ml_collections.ConfigDict(meta["config"])
+    variables = jax.tree.map(np.asarray, {**state["params"], **state["state"]})
+    settings = method_settings(config.method)
+    qcfg = qlayers.QuantConfig(transform=settings.transform, act_grad=config.quant.act_grad)
+    num_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
+    model = build_model(config, num_classes, qcfg)
+    size = int(config.dataset.image_size)
+    channels = int(variables["params"]["stem"]["kernel"].shape[2])
+    return RunVariables(model, variables, config, step, (size, size, channels))
+
+
+@dataclasses.dataclass
+class PackedModel:
+    """A loaded ``.qat`` file: ``header`` (JSON), ``tensors`` (numpy) and the packed forward."""
+
+    header: dict
+    tensors: dict[str, np.ndarray]
+
+    def __post_init__(self):
+        self._fn = make_packed_forward(self.header["ops"])
+        self._device_tensors = None
+
+    def __call__(self, x, batch_size: int = 256) -> np.ndarray:
+        """Logits ``[N, classes]`` of NHWC float32 ``x`` (preprocessed as in ``header['input']``)."""
+        if self._device_tensors is None:
+            self._device_tensors = {k: jnp.asarray(v) for k, v in self.tensors.items()}
+        x = np.asarray(x, np.float32)
+        outs = [
+            np.asarray(self._fn(self._device_tensors, x[i : i + batch_size]))
+            for i in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(outs, axis=0)
+
+    def binary_bits(self) -> int:
+        """Number of binary weights (= bits of packed payload actually used)."""
+        return sum(
+            int(op["d"]) * int(op["c_out"])
+            for op in self.header["ops"]
+            if op["op"] == "binary_conv"
+        )
+
+
+def export_model(
+    path: str,
+    model,
+    variables: Mapping,
+    input_shape: tuple[int, int, int],
+    extra: Mapping | None = None,
+) -> int:
+    """Write ``model`` with ``variables`` as a ``.qat`` file; returns the file size in bytes."""
+    ops, tensors = graph.build_graph(model, variables, input_shape[-1])
+    header = {
+        "format": FORMAT_NAME,
+        "version": fileformat.VERSION,
+        "word_bits": WORD_BITS,
+        "bit_order": "lsb_first",
+        "byte_order": "little",
+        "bit_values": {"1": 1, "0": -1},
+        "input": {"layout": "NHWC", "shape": list(input_shape), "dtype": "float32"},
+        "output": ops[-1]["out"],
+        "bn_epsilon": graph.BN_EPSILON,
+        "ops": ops,
+        **({"extra": dict(extra)} if extra else {}),
+    }
+    return fileformat.write_container(path, header, tensors)
+
+
+def export_run(workdir: str, out: str, step: int | None = None) -> int:
+    """Export the final model of a run (``<workdir>/checkpoints``) to ``out``; returns bytes."""
+    run = load_run_variables(workdir, step)
+    extra: dict[str, Any] = {
+        "method": run.config.method,
+        "model": run.config.model.to_dict(),
+        "dataset": run.config.dataset.name,
+        "step": run.step,
+    }
+    try:
+        spec = registry.get_spec(run.config.dataset.name)
+        extra["normalize"] = {
+            "scale": "x / 255",
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "image_size": int(run.config.dataset.image_size),
+        }
+    except (KeyError, ValueError):
+        pass
+    return export_model(out, run.model, run.variables, run.input_shape, extra)
+
+
+def load_packed(path: str) -> PackedModel:
+    """Read a ``.qat`` file (any version-1 file) as a :class:`PackedModel`."""
+    header, tensors = fileformat.read_container(path)
+    if header.get("format") != FORMAT_NAME:
+        raise fileformat.FormatError(f"{path}: header format {header.get('format')!r}")
+    return PackedModel(header, tensors)
