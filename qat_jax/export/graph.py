@@ -9,6 +9,8 @@ op's output is the logits). Ops (all NHWC, float32 activations):
                    packed ``weights`` (padding contributes 0); output ``scale * dot + shift``
                    (``scale = alpha * gamma / sqrt(var + eps)``, ``shift = beta - ...``)
 ``relu``/``relu6`` elementwise
+``rprelu``         ``where(z > 0, z, slope * z) + shift_out``, ``z = x - shift_in`` (per channel;
+                   ReActNet's RPReLU, after binary convs of ``reactnet`` models)
 ``add``            sum of the two inputs (residual)
 ``max_pool``       window/strides/padding, padding is -inf (torch ``MaxPool2d``)
 ``mean``           global average over H, W -> ``[N, C]``
@@ -156,9 +158,28 @@ class _Builder:
         b, alpha, _ = qlayers.layer_binary_weights(params["kernel"], groups, quant, calib, cfg)
         return np.asarray(b).astype(np.int8), np.asarray(alpha, np.float32)
 
-    def act(self, x: str, kind: str) -> str:
+    def act(self, x: str, kind: str, act_path=None, conv_path=None) -> str:
+        """``kind`` (relu/relu6), or RPReLU where the model has one at ``act_path`` and the conv
+        at ``conv_path`` has a binary input (``ConvActivation`` of :mod:`qat_jax.activations`)."""
         out = self._new(self.channels[x])
-        self.ops.append({"op": kind, "in": x, "out": out})
+        rp = _get(self.v["params"], (*act_path, "rprelu")) if act_path else None
+        qs = _get(self.v.get("qstate", {}), conv_path) if conv_path else None
+        if rp is not None and qs is not None and int(np.asarray(qs["a_mode"])) == 1:
+            name = "/".join(act_path)
+            self.ops.append(
+                {
+                    "op": "rprelu",
+                    "name": name,
+                    "in": x,
+                    "out": out,
+                    **{
+                        k: self._tensor(f"{name}/{k}", rp[k], np.float32)
+                        for k in ("shift_in", "slope", "shift_out")
+                    },
+                }
+            )
+        else:
+            self.ops.append({"op": kind, "in": x, "out": out})
         return out
 
     def add(self, a: str, b: str) -> str:
@@ -214,14 +235,16 @@ def _mobilenetv2(model: MobileNetV2, b: _Builder) -> str:
             stride = s if i == 0 else 1
             y = x
             if t != 1:
-                y = b.act(b.conv_bn(y, (blk, "expand"), (blk, "expand_bn"), 1), "relu6")
-            y = b.act(b.conv_bn(y, (blk, "depthwise"), (blk, "depthwise_bn"), stride), "relu6")
+                y = b.conv_bn(y, (blk, "expand"), (blk, "expand_bn"), 1)
+                y = b.act(y, "relu6", (blk, "expand_act"), (blk, "expand"))
+            y = b.conv_bn(y, (blk, "depthwise"), (blk, "depthwise_bn"), stride)
+            y = b.act(y, "relu6", (blk, "depthwise_act"), (blk, "depthwise"))
             y = b.conv_bn(y, (blk, "project"), (blk, "project_bn"), 1)
             if stride == 1 and b.channels[x] == b.channels[y]:
                 y = b.add(y, x)
             x = y
             block += 1
-    x = b.act(b.conv_bn(x, ("head_conv",), ("head_bn",), 1), "relu6")
+    x = b.act(b.conv_bn(x, ("head_conv",), ("head_bn",), 1), "relu6", ("head_act",), ("head_conv",))
     return b.dense(b.mean(x), ("classifier",))
 
 
@@ -237,12 +260,13 @@ def _resnet(model: ResNet, b: _Builder) -> str:
         for i in range(int(n)):
             blk = f"block{block}"
             s = int(stride) if i == 0 else 1
-            y = b.act(b.conv_bn(x, (blk, "conv1"), (blk, "bn1"), s), "relu")
+            y = b.conv_bn(x, (blk, "conv1"), (blk, "bn1"), s)
+            y = b.act(y, "relu", (blk, "act1"), (blk, "conv1"))
             y = b.conv_bn(y, (blk, "conv2"), (blk, "bn2"), 1)
             shortcut = x
             if _get(b.v["params"], (blk, "shortcut")) is not None:
                 shortcut = b.conv_bn(x, (blk, "shortcut"), (blk, "shortcut_bn"), s)
-            x = b.act(b.add(y, shortcut), "relu")
+            x = b.act(b.add(y, shortcut), "relu", (blk, "act2"), (blk, "conv2"))
             block += 1
     return b.dense(b.mean(x), ("classifier",))
 

@@ -54,7 +54,13 @@ def _max_pool(op, t, x):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, wh, ww, 1), (1, sh, sw, 1), pad)
 
 
+def _rprelu(op, t, x):
+    z = x - t[op["shift_in"]]
+    return jnp.where(z > 0, z, t[op["slope"]] * z) + t[op["shift_out"]]
+
+
 _OPS: dict[str, Callable] = {
+    "rprelu": _rprelu,
     "conv": _conv,
     "binary_conv": _binary_conv,
     "relu": lambda op, t, x: jnp.maximum(x, 0.0),

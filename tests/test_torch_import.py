@@ -1,0 +1,255 @@
+"""PyTorch interop: torchvision-layout state_dicts (.pth, .safetensors) -> our Flax models.
+
+The torchvision modules are rebuilt here with plain ``torch.nn`` (same module names and padding as
+torchvision's ``mobilenet_v2``/``resnet18``), with random weights and random BN running
+statistics, in eval mode; our models must give the same logits (1e-4) after the import.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from qat_jax import interop  # noqa: E402
+from qat_jax.layers import QuantConfig  # noqa: E402
+from qat_jax.models import MobileNetV2, ResNet18, init_variables  # noqa: E402
+from qat_jax.models.common import _make_divisible  # noqa: E402
+
+# transform=False: the import touches only params/batch_stats; the FP forward is the same and
+# compiles faster without the Cayley branch.
+QCFG = QuantConfig(transform=False)
+
+
+# --- torchvision layouts in plain torch.nn ---------------------------------------------------
+
+
+class ConvBNAct(nn.Sequential):
+    def __init__(self, cin, cout, k=3, stride=1, groups=1):
+        super().__init__(
+            nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU6(inplace=False),
+        )
+
+
+class TorchInvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, t):
+        super().__init__()
+        hidden = int(round(cin * t))
+        self.use_res = stride == 1 and cin == cout
+        layers = [ConvBNAct(cin, hidden, 1)] if t != 1 else []
+        layers += [
+            ConvBNAct(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class TorchMobileNetV2(nn.Module):
+    """torchvision.models.mobilenet_v2's layout (stem stride and input channels configurable)."""
+
+    def __init__(self, num_classes, setting, width=1.0, last_channel=None, stem_stride=2, cin=3):
+        super().__init__()
+        ch = _make_divisible(32 * width, 8)
+        last = last_channel or _make_divisible(1280 * max(1.0, width), 8)
+        feats = [ConvBNAct(cin, ch, 3, stem_stride)]
+        for t, c, n, s in setting:
+            out = _make_divisible(c * width, 8)
+            for i in range(n):
+                feats.append(TorchInvertedResidual(ch, out, s if i == 0 else 1, t))
+                ch = out
+        feats.append(ConvBNAct(ch, last, 1))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
+class TorchBasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class TorchResNet18(nn.Module):
+    """torchvision.models.resnet18's layout."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for s, (w, stride) in enumerate(
+            zip((64, 128, 256, 512), (1, 2, 2, 2), strict=True), start=1
+        ):
+            setattr(
+                self,
+                f"layer{s}",
+                nn.Sequential(TorchBasicBlock(cin, w, stride), TorchBasicBlock(w, w, 1)),
+            )
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for s in range(1, 5):
+            x = getattr(self, f"layer{s}")(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def randomize(module, seed):
+    """Random weights and BN running statistics (eval mode), so BN import is really checked."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith("running_mean"):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+            elif t.dim() == 1:  # BN scale and bias, linear bias
+                t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
+            else:
+                fan_in = int(np.prod(t.shape[1:]))
+                t.copy_(torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+    return module.eval()
+
+
+def torch_logits(module, x_nhwc):
+    with torch.no_grad():
+        return module(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def jax_logits(model, variables, x):
+    return np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
+
+
+def _param_count(variables):
+    return sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_mobilenetv2_imagenet_from_pth_matches_torch(tmp_path, rng):
+    tmod = randomize(
+        TorchMobileNetV2(
+            1000,
+            (
+                (1, 16, 1, 1),
+                (6, 24, 2, 2),
+                (6, 32, 3, 2),
+                (6, 64, 4, 2),
+                (6, 96, 3, 1),
+                (6, 160, 3, 2),
+                (6, 320, 1, 1),
+            ),
+        ),
+        0,
+    )
+    path = os.path.join(tmp_path, "mnv2.pth")
+    torch.save(tmod.state_dict(), path)
+    model = MobileNetV2(num_classes=1000, variant="imagenet", quant=QCFG)
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, 64, 64, 3))
+    assert _param_count(variables) == 3_504_872  # torchvision's mobilenet_v2
+    loaded = interop.load_torchvision_file(path, model, variables)
+    x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+    want = torch_logits(tmod, x)
+    got = jax_logits(model, loaded, x)
+    assert np.abs(want).max() > 0.1  # a non-degenerate comparison
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # The way back gives torch the same tensors (strict load, bit-identical).
+    back = interop.to_torchvision_state_dict(model, loaded)
+    for k, v in tmod.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(back[k], v.numpy())
+
+
+def test_resnet18_from_safetensors_matches_torch(tmp_path, rng):
+    from safetensors.torch import save_file
+
+    tmod = randomize(TorchResNet18(1000), 1)
+    path = os.path.join(tmp_path, "r18.safetensors")
+    save_file(tmod.state_dict(), path)  # the official writer; read back with our numpy reader
+    model = ResNet18(num_classes=1000, quant=QCFG)
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, 64, 64, 3))
+    assert _param_count(variables) == 11_689_512  # torchvision's resnet18
+    loaded = interop.load_torchvision_file(path, model, variables)
+    x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        jax_logits(model, loaded, x), torch_logits(tmod, x), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_our_safetensors_writer_is_read_by_torch(tmp_path):
+    from safetensors.torch import load_file
+
+    tmod = TorchMobileNetV2(
+        10, ((1, 8, 1, 1), (2, 8, 1, 2)), width=0.25, last_channel=16, stem_stride=1, cin=1
+    )
+    model = MobileNetV2(
+        num_classes=10,
+        variant="cifar",
+        width_mult=0.25,
+        last_channel=16,
+        inverted_residual_setting=((1, 8, 1, 1), (2, 8, 1, 2)),
+        quant=QCFG,
+    )
+    variables = init_variables(model, jax.random.PRNGKey(3), (1, 8, 8, 1))
+    path = os.path.join(tmp_path, "ours.safetensors")
+    interop.save_torchvision_safetensors(path, model, variables)
+    sd = load_file(path)
+    missing, unexpected = tmod.load_state_dict(sd, strict=False)
+    assert unexpected == [] and all(k.endswith("num_batches_tracked") for k in missing)
+    np.testing.assert_array_equal(
+        sd["features.0.0.weight"].numpy(),
+        np.asarray(variables["params"]["stem"]["kernel"]).transpose(3, 2, 0, 1),
+    )
+
+
+def test_mismatched_state_dict_lists_every_bad_key():
+    model = MobileNetV2(
+        num_classes=10,
+        variant="cifar",
+        width_mult=0.25,
+        last_channel=16,
+        inverted_residual_setting=((1, 8, 1, 1), (2, 8, 1, 2)),
+        quant=QCFG,
+    )
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    sd = interop.to_torchvision_state_dict(model, variables)
+    del sd["features.2.conv.1.1.running_var"]
+    sd["features.9.extra.weight"] = np.zeros(3, np.float32)
+    sd["classifier.1.weight"] = np.zeros((1000, 16), np.float32)
+    sd["features.0.1.num_batches_tracked"] = np.zeros((), np.int64)  # accepted, ignored
+    with pytest.raises(interop.TorchImportError) as e:
+        interop.load_torchvision(sd, model, variables)
+    msg = str(e.value)
+    assert "1 missing key(s): features.2.conv.1.1.running_var" in msg
+    assert "1 unexpected key(s): features.9.extra.weight" in msg
+    assert "classifier.1.weight: got (1000, 16), expected (10, 16)" in msg
