@@ -266,7 +266,9 @@ def main(argv=None) -> int:
         help="which quantizable layers count as binary (default: 'modes' for --workdir; for "
         "--config 'all' unless config.method is 'fp')",
     )
-    parser.add_argument("--num_classes", type=int, default=None, help="--config: default from data")
+    parser.add_argument(
+        "--num_classes", type=int, default=None, help="--config: classes (default: from the data)"
+    )
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
 
@@ -284,8 +286,7 @@ def main(argv=None) -> int:
         from qat_jax.train.trainer import build_model
 
         config = load_config_file(args.config)
-        spec_shape, classes = _dataset_shape(config, qdata)
-        classes = args.num_classes or classes
+        spec_shape, classes = _dataset_shape(config, qdata, args.num_classes)
         settings = method_settings(config.method)
         model = build_model(config, classes, qlayers.QuantConfig(transform=settings.transform))
         shape = spec_shape
@@ -303,18 +304,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def _dataset_shape(config, qdata) -> tuple[tuple[int, int, int], int]:
-    """Input shape and classes of the configured dataset (static facts when it is not prepared)."""
+def _dataset_shape(config, qdata, num_classes=None) -> tuple[tuple[int, int, int], int]:
+    """Input shape and classes of the configured dataset.
+
+    With ``num_classes`` given, no data is touched (static facts only); otherwise the dataset is
+    described as the trainer does (which may prepare it), falling back to static facts.
+    """
     from qat_jax.data import registry
 
+    spec = registry.get_spec(config.dataset.name)
+    size = int(config.dataset.image_size)
+    static = ((size, size, len(spec.mean)), num_classes)
+    if num_classes:
+        return static
     try:
         info = qdata.dataset_info(config.dataset)
         return tuple(info.image_shape), int(info.num_classes)
-    except Exception:  # noqa: BLE001 - data not prepared here: fall back to static facts
-        spec = registry.get_spec(config.dataset.name)
-        size = int(config.dataset.image_size)
-        classes = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
-        return (size, size, len(spec.mean)), classes.get(config.dataset.name, 10)
+    except Exception as e:  # noqa: BLE001 - data not available here
+        raise SystemExit(f"cannot describe {config.dataset.name} ({e}): pass --num_classes") from e
 
 
 if __name__ == "__main__":
