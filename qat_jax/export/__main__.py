@@ -11,11 +11,17 @@ import sys
 
 from absl import app, flags, logging
 
-from qat_jax.export.model_file import export_run, load_packed
+from qat_jax.export.model_file import export_run, load_packed, verify_packed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished run.")
 _OUT = flags.DEFINE_string("out", None, "Output .qat file.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_VERIFY = flags.DEFINE_bool(
+    "verify",
+    False,
+    "Also run the packed forward over the run's eval split and compare it with the run's eval "
+    "logits (model.apply): max logit difference, prediction mismatches, accuracies.",
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -30,12 +36,20 @@ def main(argv):
         sys.exit(2)
     packed = load_packed(_OUT.value)
     n_bin = packed.binary_bits()
+    n_words = sum(v.nbytes for v in packed.tensors.values() if v.dtype.name == "uint32")
     n_fp = sum(v.size for k, v in packed.tensors.items() if v.dtype.name == "float32")
     print(
         f"wrote {os.path.abspath(_OUT.value)}: {size} bytes "
-        f"({n_bin} binary weights in {sum(v.nbytes for v in packed.tensors.values() if v.dtype.name == 'uint32')} "
-        f"bytes of packed words, {n_fp} float32 values)"
+        f"({n_bin} binary weights in {n_words} bytes of packed words, {n_fp} float32 values)"
     )
+    if _VERIFY.value:
+        r = verify_packed(_WORKDIR.value, _OUT.value)
+        print(
+            f"verify on {r['examples']} eval examples: max |packed - eval| logit "
+            f"{r['max_abs_diff']:.3g} ({r['max_rel_diff']:.3g} of the largest logit), "
+            f"{r['prediction_mismatches']} prediction mismatches, accuracy packed "
+            f"{100 * r['packed_accuracy']:.2f}% / eval {100 * r['eval_accuracy']:.2f}%"
+        )
 
 
 if __name__ == "__main__":

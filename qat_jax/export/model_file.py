@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qat_jax import data as qdata
 from qat_jax import layers as qlayers
 from qat_jax.data import registry
 from qat_jax.export import fileformat, graph
@@ -36,6 +37,7 @@ __all__ = [
     "export_model",
     "export_run",
     "load_packed",
+    "verify_packed",
 ]
 
 FORMAT_NAME = "qat_jax.packed"
@@ -179,3 +181,37 @@ def load_packed(path: str) -> PackedModel:
     if header.get("format") != FORMAT_NAME:
         raise fileformat.FormatError(f"{path}: header format {header.get('format')!r}")
     return PackedModel(header, tensors)
+
+
+def verify_packed(workdir: str, path: str, batch_size: int = 250) -> dict:
+    """Packed forward of ``path`` vs the run's eval logits (``model.apply``) on its eval split.
+
+    Returns:
+      ``examples``, ``max_abs_diff`` and ``max_rel_diff`` of the logits (relative to the largest
+      eval logit), ``prediction_mismatches``, ``packed_accuracy`` and ``eval_accuracy``.
+    """
+    run = load_run_variables(workdir)
+    packed = load_packed(path)
+    apply = jax.jit(lambda v, z: run.model.apply(v, z, train=False))
+    n = correct_packed = correct_eval = mismatches = 0
+    max_abs = max_logit = 0.0
+    for batch in qdata.make_eval_batches(run.config.dataset, batch_size, num_local_devices=1):
+        keep = np.asarray(batch["mask"][0]) > 0
+        x = np.asarray(batch["image"][0])[keep]
+        labels = np.asarray(batch["label"][0])[keep]
+        want = np.asarray(apply(run.variables, x))
+        got = packed(x, batch_size=batch_size)
+        n += len(labels)
+        max_abs = max(max_abs, float(np.abs(got - want).max()))
+        max_logit = max(max_logit, float(np.abs(want).max()))
+        mismatches += int(np.sum(got.argmax(-1) != want.argmax(-1)))
+        correct_packed += int(np.sum(got.argmax(-1) == labels))
+        correct_eval += int(np.sum(want.argmax(-1) == labels))
+    return {
+        "examples": n,
+        "max_abs_diff": max_abs,
+        "max_rel_diff": max_abs / max(max_logit, 1e-30),
+        "prediction_mismatches": mismatches,
+        "packed_accuracy": correct_packed / max(n, 1),
+        "eval_accuracy": correct_eval / max(n, 1),
+    }
