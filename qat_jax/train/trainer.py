@@ -28,8 +28,10 @@ import numpy as np
 import optax
 
 from qat_jax import data as qdata
+from qat_jax import interop
 from qat_jax import layers as qlayers
 from qat_jax import models as qmodels
+from qat_jax import summary as qsummary
 from qat_jax.train import calibrate, checkpoint, parallel, reporting, steps
 from qat_jax.train.methods import method_settings
 from qat_jax.train.stages import FP_PHASE, ScheduleConfig, StageController
@@ -66,10 +68,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ConfigError(
             "init='train_fp' needs fp.steps > 0 (or set --config.init to a checkpoint)"
         )
-    if config.init != "train_fp" and not os.path.isdir(os.path.abspath(config.init)):
+    init_file = interop.is_torch_checkpoint(config.init) and os.path.isfile(config.init)
+    if config.init != "train_fp" and not (os.path.isdir(os.path.abspath(config.init)) or init_file):
         raise ConfigError(
             f"init checkpoint {config.init!r} does not exist: pass the directory of a saved FP "
-            "model (e.g. <workdir>/teacher of an earlier run) or --config.init=train_fp"
+            "model (e.g. <workdir>/teacher of an earlier run), a torchvision-layout .pth/"
+            ".safetensors file, or --config.init=train_fp"
         )
     if settings.quantize:
         try:
@@ -330,7 +334,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if os.path.isdir(teacher_dir):
             teacher = checkpoint.load_variables(teacher_dir, _fp_variables(hstate))
     elif config.init != "train_fp":
-        fp_vars = checkpoint.load_variables(config.init, _fp_variables(hstate))
+        if interop.is_torch_checkpoint(config.init):  # torchvision-layout weights
+            fp_vars = interop.load_torchvision_file(config.init, model, _fp_variables(hstate))
+        else:
+            fp_vars = checkpoint.load_variables(config.init, _fp_variables(hstate))
         teacher = fp_vars
         hstate = hstate.replace(
             params={**hstate.params, "params": fp_vars["params"]},
@@ -456,6 +463,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"{config.method}: test accuracy after each stage",
             )
         reporter.info(_format_summary(summary))
+        table = qsummary.format_summary(
+            qsummary.model_summary(model, hstate.variables, info.image_shape), "model summary"
+        )
+        with open(os.path.join(workdir, "model_summary.txt"), "w") as f:
+            f.write(table + "\n")
+        reporter.info(table)
     reporter.close()
     return summary
 

@@ -1,0 +1,278 @@
+"""Export: the .qat file (format, packing), the XNOR-popcount packed forward, the CLI.
+
+One tiny run (configs/tiny.py reduced to one stage, started from a torchvision-layout .safetensors file, so it also
+checks ``config.init=<file>``) is exported; the packed forward must reproduce the training-time
+eval logits on the real Fashion-MNIST eval split and give identical predictions.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from qat_jax import data as qdata
+from qat_jax import export, interop, ops
+from qat_jax import layers as qlayers
+from qat_jax.data import prepare
+from qat_jax.models import init_variables, quantizable_layers
+from qat_jax.models.resnet import ResNet
+from qat_jax.train import train_and_evaluate
+from qat_jax.train.config_files import load_config_file
+from qat_jax.train.trainer import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+# Packed vs training-time eval logits: the binary dot products are exact integers in both paths
+# (float32 sums of +-1 up to 2^24 are exact), so the only differences are float32 rounding of the
+# folded BN affine (alpha * gamma / sigma in one product instead of three) and of the FP stem and
+# classifier: observed ~1e-7 relative. 1e-5 relative to the largest logit leaves room for the
+# rounding of other backends but would catch one flipped activation bit.
+LOGIT_RTOL = 1e-5
+
+
+# --- packed conv: exact integer arithmetic ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kernel, strides, groups, cin, cout",
+    [
+        ((1, 1), (1, 1), 1, 40, 9),  # pointwise, 2 words per row
+        ((1, 1), (2, 2), 1, 7, 5),  # strided pointwise (ResNet shortcut)
+        ((3, 3), (1, 1), 1, 5, 7),  # regular 3x3, d = 45
+        ((3, 3), (2, 2), 1, 3, 4),  # strided 3x3
+        ((3, 3), (1, 1), 6, 6, 6),  # depthwise: one 9-bit word per channel
+        ((3, 3), (2, 2), 8, 8, 8),  # strided depthwise
+        ((3, 3), (1, 1), 2, 4, 6),  # grouped
+    ],
+)
+def test_packed_conv_is_the_exact_binary_conv(kernel, strides, groups, cin, cout, rng):
+    x = rng.normal(size=(2, 7, 6, cin)).astype(np.float32)
+    x[0, 0, 0, 0] = 0.25
+    tau = rng.normal(size=cin).astype(np.float32) * 0.3
+    tau[0] = 0.25  # x == tau binarizes to +1 (sign(0) = +1)
+    d = kernel[0] * kernel[1] * cin // groups
+    b = rng.choice(np.array([-1, 1], np.int8), (groups, cout // groups, d))
+    words = export.pack_rows(b.reshape(cout, d))
+    assert words.dtype == np.uint32 and words.shape == (cout, -(-d // 32))
+    np.testing.assert_array_equal(export.unpack_rows(words, d), b.reshape(cout, d))
+    fn = jax.jit(export.binary_conv_packed, static_argnums=(3, 4, 5))
+    got = fn(jnp.asarray(x), jnp.asarray(tau), jnp.asarray(words), kernel, strides, groups)
+    assert got.dtype == jnp.int32
+    # Reference: the float conv the layers run, on sign(x - tau) with zero padding.
+    xb = np.where(x - tau >= 0, 1.0, -1.0).astype(np.float32)
+    kern = qlayers.matrix_to_kernel(jnp.asarray(b, jnp.float32), (*kernel, cin // groups, cout))
+    conv = jax.jit(ops.conv2d, static_argnums=(2, 3, 4, 5))
+    want = conv(jnp.asarray(xb), kern, strides, None, groups, "xla")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.int32))
+
+
+def test_bit_order_is_lsb_first_little_endian():
+    row = -np.ones((1, 40), np.int8)
+    row[0, [0, 3, 33]] = 1
+    words = export.pack_rows(row)
+    np.testing.assert_array_equal(words, [[0b1001, 0b10]])
+    raw = np.packbits(np.pad(row[0] > 0, (0, 24)), bitorder="little").tobytes()
+    assert words.astype("<u4").tobytes() == raw
+
+
+# --- a small ResNet with random binary state: regular/strided 3x3, 1x1 shortcut, max pool ------
+
+
+def _randomize_binary_state(model, variables, rng):
+    v = jax.tree.map(np.array, variables)
+    for q in quantizable_layers(v):
+        b, quant, qs = (_node(v[coll], q.path) for coll in ("binary", "quant", "qstate"))
+        b["B"] = rng.choice(np.array([-1, 1], np.int8), b["B"].shape)
+        b["alpha"] = rng.uniform(0.01, 0.1, b["alpha"].shape).astype(np.float32)
+        quant["tau"] = rng.normal(size=quant["tau"].shape).astype(np.float32) * 0.2
+        qs["w_mode"] = np.asarray(qlayers.FROZEN, np.int32)
+        qs["a_mode"] = np.asarray(1, np.int32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(v["batch_stats"])[0]:
+        keys = [k.key for k in path]
+        parent = _node(v["batch_stats"], keys[:-1])
+        parent[keys[-1]] = (
+            rng.uniform(0.5, 2.0, leaf.shape) if keys[-1] == "var" else rng.normal(size=leaf.shape)
+        ).astype(np.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(v["params"])[0]:
+        keys = [k.key for k in path]
+        if keys[-1] in ("scale", "bias"):
+            _node(v["params"], keys[:-1])[keys[-1]] = (
+                1 + 0.1 * rng.normal(size=leaf.shape)
+            ).astype(np.float32)
+    return v
+
+
+def _node(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def test_packed_resnet_matches_model_apply(tmp_path, rng):
+    model = ResNet(
+        stage_sizes=(1, 1),
+        widths=(8, 16),
+        stage_strides=(1, 2),
+        stem="imagenet",
+        num_classes=10,
+        quant=qlayers.QuantConfig(transform=False),
+    )
+    variables = _randomize_binary_state(
+        model, init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 3)), rng
+    )
+    path = os.path.join(tmp_path, "r.qat")
+    export.export_model(path, model, variables, (16, 16, 3))
+    packed = export.load_packed(path)
+    kinds = [op["op"] for op in packed.header["ops"]]
+    # conv1, conv2 and shortcut per block (the 64-channel stem makes block0 need one too).
+    assert kinds.count("binary_conv") == 6 and "max_pool" in kinds
+    x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+    want = np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
+    got = packed(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
+
+
+# --- the tiny run -------------------------------------------------------------------------------
+
+
+def _tiny_config(data_dir, init):
+    c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
+    c.unlock()
+    c.dataset.data_dir = str(data_dir)
+    c.init = init
+    # Cheapest complete QAT run (CI budget): one stage binarizing every layer, then the final
+    # phase. 'progressive' (C = I) compiles ~2x faster than 'bitat'; the export reads only the
+    # materialised B, alpha, tau and BN, which every method produces the same way.
+    c.method = "progressive"
+    c.schedule.granularity = "all"
+    c.schedule.steps_per_stage = 2
+    c.schedule.final_steps = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not os.path.isdir(FASHION):
+        pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it)")
+    root = tmp_path_factory.mktemp("export_run")
+    data_dir = os.path.join(root, "tfds")
+    prepare("fashion_mnist", FASHION, data_dir)
+    # The FP start: a torchvision-layout .safetensors file (config.init), written from a fresh
+    # model, so no FP phase is trained here.
+    init_path = os.path.join(root, "fp_init.safetensors")
+    cfg = _tiny_config(data_dir, init_path)
+    model = build_model(cfg, 10, qlayers.QuantConfig())
+    fp = init_variables(model, jax.random.PRNGKey(42), (1, 32, 32, 1))
+    interop.save_torchvision_safetensors(init_path, model, fp)
+    workdir = os.path.join(root, "run")
+    summary = train_and_evaluate(cfg, workdir)
+    return workdir, summary, data_dir, fp
+
+
+def test_run_started_from_safetensors_and_wrote_model_summary(tiny_run):
+    workdir, summary, _, fp = tiny_run
+    with ocp.StandardCheckpointer() as ck:
+        teacher = ck.restore(os.path.join(workdir, "teacher"))
+    for name in ("stem", "classifier"):
+        np.testing.assert_array_equal(
+            teacher["params"][name]["kernel"], fp["params"][name]["kernel"]
+        )
+    text = open(os.path.join(workdir, "model_summary.txt")).read()
+    assert "block1/depthwise" in text and "compression" in text and "1-bit" in text
+    assert summary["w1a1_accuracy"] is not None
+
+
+def test_export_cli_writes_packed_file_without_latent_weights(tiny_run, tmp_path):
+    workdir, _, _, _ = tiny_run
+    out = os.path.join(tmp_path, "model.qat")
+    res = subprocess.run(
+        [sys.executable, "-m", "qat_jax.export", f"--workdir={workdir}", f"--out={out}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    assert res.returncode == 0, res.stderr
+    assert "bytes" in res.stdout
+    header, tensors = export.read_container(out)
+    run = export.load_run_variables(workdir)
+    binary_ops = [op for op in header["ops"] if op["op"] == "binary_conv"]
+    assert [op["name"] for op in binary_ops] == [
+        "/".join(q.path) for q in quantizable_layers(run.variables)
+    ]
+    for op in binary_ops:
+        path = tuple(op["name"].split("/"))
+        b = np.asarray(_node(run.variables["binary"], path)["B"])
+        assert tensors[op["weights"]].dtype == np.uint32
+        assert tensors[op["weights"]].shape == (op["c_out"], -(-op["d"] // 32))
+        np.testing.assert_array_equal(
+            export.unpack_rows(tensors[op["weights"]], op["d"]), b.reshape(op["c_out"], -1)
+        )
+        np.testing.assert_array_equal(
+            tensors[op["alpha"]],
+            np.asarray(_node(run.variables["binary"], path)["alpha"]).reshape(-1),
+        )
+        np.testing.assert_array_equal(
+            tensors[op["tau"]], np.asarray(_node(run.variables["quant"], path)["tau"])
+        )
+        assert f"{op['name']}/kernel" not in tensors  # no latent weights
+    assert not any(k.endswith(("/P", "/rho", "/V0")) for k in tensors)  # no transform
+    # Every float tensor is a per-channel vector except the FP stem and classifier.
+    big_float = {
+        k.split("/")[0] for k, v in tensors.items() if v.dtype == np.float32 and v.ndim > 1
+    }
+    assert big_float == {"stem", "classifier"}
+
+
+def _read_by_the_doc(path):
+    """A reader written from docs/deployment.md only (struct + json + numpy)."""
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"QATJAXBN"
+    version, hlen = struct.unpack("<IQ", blob[8:20])
+    header = json.loads(blob[20 : 20 + hlen])
+    start = -(-(20 + hlen) // 64) * 64
+    dt = {"float32": "<f4", "uint32": "<u4", "int32": "<i4"}
+    tensors = {
+        name: np.frombuffer(
+            blob, dt[t["dtype"]], int(np.prod(t["shape"])), start + t["offset"]
+        ).reshape(t["shape"])
+        for name, t in header["tensors"].items()
+    }
+    return version, header, tensors
+
+
+def test_packed_forward_reproduces_eval_logits_on_the_test_split(tiny_run, tmp_path):
+    workdir, summary, data_dir, _ = tiny_run
+    path = os.path.join(tmp_path, "tiny.qat")
+    size = export.export_run(workdir, path)
+    assert size == os.path.getsize(path)
+    version, header, raw = _read_by_the_doc(path)
+    _, tensors = export.read_container(path)
+    assert version == 1 and raw.keys() == tensors.keys()
+    for k in tensors:
+        np.testing.assert_array_equal(raw[k], tensors[k])
+
+    run = export.load_run_variables(workdir)
+    packed = export.load_packed(path)
+    apply = jax.jit(lambda v, z: run.model.apply(v, z, train=False))
+    want, got, labels = [], [], []
+    for batch in qdata.make_eval_batches(run.config.dataset, 100, num_local_devices=1):
+        keep = batch["mask"][0] > 0
+        x = np.asarray(batch["image"][0])[keep]
+        want.append(np.asarray(apply(run.variables, x)))
+        got.append(packed(x))
+        labels.append(np.asarray(batch["label"][0])[keep])
+    want, got, labels = map(np.concatenate, (want, got, labels))
+    assert len(labels) == 200  # the whole (tiny) eval split
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    # ... and the packed model's accuracy is the run's final W1A1 test accuracy.
+    assert np.mean(got.argmax(-1) == labels) == pytest.approx(summary["w1a1_accuracy"], abs=1e-9)
