@@ -253,3 +253,19 @@ def test_mismatched_state_dict_lists_every_bad_key():
     assert "1 missing key(s): features.2.conv.1.1.running_var" in msg
     assert "1 unexpected key(s): features.9.extra.weight" in msg
     assert "classifier.1.weight: got (1000, 16), expected (10, 16)" in msg
+
+
+def test_trainer_accepts_torch_weight_files_as_init(tmp_path):
+    from qat_jax.train import ConfigError
+    from qat_jax.train.config_files import load_config_file
+    from qat_jax.train.trainer import validate_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config_file(os.path.join(root, "configs/tiny.py"))
+    c.unlock()
+    path = os.path.join(tmp_path, "fp.pth")
+    c.init = path
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate_config(c, 8)
+    torch.save({"features.0.0.weight": torch.zeros(1)}, path)
+    validate_config(c, 8)  # accepted; a bad state_dict is reported when the run loads it
