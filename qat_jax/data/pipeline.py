@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 
 from qat_jax.data import registry
 from qat_jax.data.preprocess import AUGMENTATIONS, Preprocessor, decode_image, uniforms
+from qat_jax.data.sources import DataPrepareError
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,19 @@ def _limit(split_size: int, limit: int, what: str) -> int:
     return min(int(limit), split_size)
 
 
+def _check_shards(name: str, bdir: str, split_infos) -> None:
+    """A partial copy (a shard missing or empty) fails here, before any compute, not mid-run."""
+    for split in split_infos:
+        for path in map(str, split.filepaths):
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                cmd = registry.prepare_command(name, os.path.dirname(os.path.dirname(bdir)))
+                raise FileNotFoundError(
+                    f"{name} in {bdir} is incomplete: shard {os.path.basename(path)} of split "
+                    f"{split.name!r} is missing or empty; copy the whole directory again, or "
+                    f"delete {bdir} and re-prepare it: {cmd}"
+                )
+
+
 def _resolve(cfg) -> _Resolved:
     import tensorflow_datasets as tfds
 
@@ -216,6 +231,7 @@ def _resolve(cfg) -> _Resolved:
     for key in ("train_split", "eval_split"):
         if cfg.get(key) not in splits:
             raise ValueError(f"{key}={cfg.get(key)!r} not in {spec.name} splits {list(splits)}")
+    _check_shards(spec.name, bdir, [splits[cfg.train_split], splits[cfg.eval_split]])
 
     image_feature = features["image"]
     shape = tuple(image_feature.shape)
@@ -312,8 +328,15 @@ class _Source:
 
     def read(self, indices: np.ndarray) -> tuple[list[Any], np.ndarray]:
         """Returns (encoded images, int32 labels) of the given example indices, in order."""
-        ds = self._open()
-        records = ds.__getitems__([int(i) for i in indices])
+        try:
+            ds = self._open()
+            records = ds.__getitems__([int(i) for i in indices])
+        except RuntimeError as e:  # array_record: a truncated or corrupt shard
+            raise DataPrepareError(
+                f"cannot read split {self.split!r} of {self.builder_dir} "
+                f"({str(e).splitlines()[0]}): its files are truncated or corrupt; copy the "
+                "directory again, or delete it and re-prepare the dataset (docs/data.md)"
+            ) from None
         if len(records) != len(indices):
             raise IndexError(f"asked {len(indices)} records from {self.builder_dir}, got fewer")
         images = [r["image"] for r in records]

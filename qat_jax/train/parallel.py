@@ -62,11 +62,20 @@ def shard(tree):
     return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
+def _first_local(x):
+    # The first *local* device's shard: indexing ``x[0]`` of a pmapped array that spans several
+    # processes is a cross-process computation on the processes that do not hold device 0, and
+    # deadlocks when process 0 does not run it at the same moment.
+    if isinstance(x, jax.Array):
+        return x.addressable_shards[0].data
+    return np.asarray(x)[:1]
+
+
 def unreplicate(tree):
-    """Take device 0's copy of a replicated pytree (as device arrays)."""
-    return jax.tree.map(lambda x: x[0], tree)
+    """Take the first local device's copy of a replicated pytree (as device arrays)."""
+    return jax.tree.map(lambda x: _first_local(x)[0], tree)
 
 
 def to_host(tree):
     """``unreplicate`` and fetch to numpy (a host sync: call at log/checkpoint intervals only)."""
-    return jax.device_get(unreplicate(tree))
+    return jax.tree.map(lambda x: np.asarray(_first_local(x))[0], tree)

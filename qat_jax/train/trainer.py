@@ -229,6 +229,17 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def _check_finite(acc_metrics: list, step: int, ckpt_dir: str) -> None:
+    """Raise before a checkpoint if a step since the last log had a non-finite loss/gradient."""
+    bad = sum(float(parallel.to_host(m["nonfinite"])) for m in acc_metrics)
+    if bad > 0:
+        raise FloatingPointError(
+            f"non-finite loss or gradients before step {step} (those updates were skipped; "
+            f"nothing was written, the last good checkpoint in {ckpt_dir} is kept): lower the "
+            "learning rate or check the data"
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) the configured job in ``workdir``; returns the summary dict."""
     t_start = t_session = time.time()
@@ -379,6 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 r_teacher = parallel.replicate(teacher)
             hstate = _enter_stage(run, hstate, k, stage_acc, eval_stage_cfg, time.time() - stage_t0)
             stage_t0 = time.time()
+            _check_finite(acc_metrics, step, ckpt.directory)  # never checkpoint after a bad step
             ckpt.save(step, hstate, meta(step))
             rstate = parallel.replicate(hstate)
             run.add_time("transitions", time.time() - t_iter)
@@ -391,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             rstate, metrics = p_train_qat(rstate, batch, rng_r, r_teacher)
         acc_metrics.append(metrics)
         step += 1
+        checkpoint.fault_point("step", step)  # test hook (SIGKILL tests), a no-op unless set
         if step % config.log_every == 0 or step == total_steps:
             m = jax.tree.map(lambda *xs: float(np.mean(xs)), *parallel.to_host(acc_metrics))
             nonfinite = float(m["nonfinite"]) * len(acc_metrics)
@@ -422,6 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.add_time("fp_train" if in_fp else "qat_train", time.time() - t_iter)
         halt = int(config.halt_after_step) > 0 and step == int(config.halt_after_step)
         if (step % config.checkpoint_every == 0 or halt) and step < total_steps:
+            _check_finite(acc_metrics, step, ckpt.directory)
             ckpt.save(step, _host(parallel.unreplicate(rstate)), meta(step))
         if halt and step < total_steps:
             reporter.info(f"halted after step {step} (halt_after_step); rerun to resume")
