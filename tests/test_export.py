@@ -138,6 +138,16 @@ def test_packed_resnet_matches_model_apply(tmp_path, rng):
     want = np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
     got = packed(x)
     np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
+    # The binary convs run on words: popcount is used, and no packed (uint32) value is ever
+    # converted to a float -- only the int32 accumulators are, for the folded BN affine.
+    jaxpr = jax.make_jaxpr(lambda t, z: export.packed_forward(packed.header["ops"], t, z))(
+        {k: jnp.asarray(v) for k, v in packed.tensors.items()}, x
+    ).jaxpr
+    assert any(e.primitive.name == "population_count" for e in jaxpr.eqns)
+    for e in jaxpr.eqns:
+        ins = {str(v.aval.dtype) for v in e.invars if hasattr(v, "aval")}
+        outs = {str(v.aval.dtype) for v in e.outvars}
+        assert not ("uint32" in ins and outs & {"float32", "float16", "bfloat16"}), e
 
 
 # --- the tiny run -------------------------------------------------------------------------------
