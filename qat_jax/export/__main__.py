@@ -7,6 +7,7 @@ its size next to the FP32 size of the same model.
 from __future__ import annotations
 
 import os
+import struct
 import sys
 
 from absl import app, flags, logging
@@ -38,9 +39,17 @@ def main(argv):
     n_bin = packed.binary_bits()
     n_words = sum(v.nbytes for v in packed.tensors.values() if v.dtype.name == "uint32")
     n_fp = sum(v.size for k, v in packed.tensors.items() if v.dtype.name == "float32")
+    with open(_OUT.value, "rb") as f:
+        header_bytes = struct.unpack("<Q", f.read(20)[12:20])[0]
+    n_fp_bytes = 4 * n_fp
     print(
         f"wrote {os.path.abspath(_OUT.value)}: {size} bytes "
         f"({n_bin} binary weights in {n_words} bytes of packed words, {n_fp} float32 values)"
+    )
+    print(
+        f"  bytes: preamble 20 + JSON header {header_bytes} + packed words {n_words} + float32 "
+        f"{n_fp_bytes} + zero padding {size - 20 - header_bytes - n_words - n_fp_bytes} (64-byte "
+        f"alignment); the {n_bin} weight bits alone are {n_bin / 8:.0f} bytes"
     )
     if _VERIFY.value:
         r = verify_packed(_WORKDIR.value, _OUT.value)
