@@ -163,15 +163,20 @@ class _BinaryBase(nn.Module):
         cfg = self.quant
         q = {k: v.value for k, v in quant.items()}
         cv = {k: v.value for k, v in calib.items()}
+        # The info-loss term costs two more products with C (and their gradients) per binarizing
+        # layer: computed only when the caller collects it (``losses`` mutable).
+        want_info = self.is_mutable_collection("losses")
 
         def fp():
             return kernel, jnp.zeros((), jnp.float32)
 
         def binarizing():
             b, alpha, c = layer_binary_weights(kernel, groups, q, cv, cfg)
-            w = kernel_to_matrix(kernel.astype(jnp.float32), groups)
             w_hat = alpha[..., None] * b
-            info = jnp.mean(binarize.output_error(w, w_hat, c))
+            info = jnp.zeros((), jnp.float32)
+            if want_info:
+                w = kernel_to_matrix(kernel.astype(jnp.float32), groups)
+                info = jnp.mean(binarize.output_error(w, w_hat, c))
             return matrix_to_kernel(w_hat, kernel.shape).astype(kernel.dtype), info
 
         def frozen():
@@ -183,7 +188,7 @@ class _BinaryBase(nn.Module):
 
         mode = jnp.clip(qstate["w_mode"].value, FP, FROZEN)
         k_eff, info = lax.switch(mode, (fp, binarizing, frozen))
-        if self.is_mutable_collection("losses"):
+        if want_info:
             self.sow("losses", "info", jnp.where(mode == BINARIZING, info, 0.0))
         return k_eff
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qat_jax import binarize, transform
 from qat_jax import layers as qlayers
-from qat_jax import transform
 from qat_jax.train import parallel
 from qat_jax.train.state import Path, TrainState, get_path, set_path
 
@@ -32,6 +32,7 @@ __all__ = [
     "apply_modes",
     "reestimate_bn",
     "measure_bn_momentum",
+    "binary_weights_and_error",
 ]
 
 
@@ -51,9 +52,11 @@ def apply_modes(hstate: TrainState, modes: Mapping[Path, tuple[int, int]]) -> Tr
 
 
 def _sum_stats(calib_fn: Callable, rvars, batches) -> dict:
+    # Dispatch every batch before the first fetch, so the host never waits between batches.
+    outs = [calib_fn(rvars, parallel.shard(images)) for images in batches]
     total = None
-    for images in batches:
-        stats = parallel.to_host(calib_fn(rvars, parallel.shard(images)))
+    for out in outs:
+        stats = parallel.to_host(out)
         total = stats if total is None else jax.tree.map(np.add, total, stats)
     if total is None:
         raise ValueError("calibration needs at least one batch (schedule.calib_batches > 0)")
@@ -120,7 +123,36 @@ def _pca_and_importance(sigma, gamma):
     return v0, lam, transform.init_rho(lam, gamma)
 
 
-_binary_weights = jax.jit(qlayers.layer_binary_weights, static_argnums=(1, 4, 5))
+def _binary_weights_and_error(kernel, groups, quant_vars, calib_vars, qcfg, refine_sweeps):
+    b, alpha, c = qlayers.layer_binary_weights(
+        kernel, groups, quant_vars, calib_vars, qcfg, refine_sweeps
+    )
+    w = qlayers.kernel_to_matrix(kernel.astype(jnp.float32), groups)
+    err = jnp.mean(binarize.output_error(w, alpha[..., None] * b, c))
+    return b.astype(jnp.int8), alpha, err
+
+
+@functools.cache
+def _boundary_jit(fn, static_argnums):
+    """``jax.jit`` for small programs that run a few times per stage, one compile per layer shape.
+
+    On CPU they are compiled without LLVM's backend optimisation (as ``models.init_variables``
+    does): their matmuls and factorisations are library calls either way, and the compile is most
+    of their cost (``benchmarks/bench_run.py`` counts it under ``materialise`` and
+    ``per_layer_metrics``).
+    """
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(fn, static_argnums=static_argnums, compiler_options=options)
+
+
+def binary_weights_and_error(kernel, groups, quant_vars, calib_vars, qcfg, refine_sweeps=0):
+    """``(B int8, alpha, relative output error)`` of one layer (``layer_binary_weights``).
+
+    One jitted program for materialisation and the trainer's per-layer metrics, so each layer
+    shape compiles once for both.
+    """
+    fn = _boundary_jit(_binary_weights_and_error, (1, 4, 5))
+    return fn(kernel, int(groups), quant_vars, calib_vars, qcfg, int(refine_sweeps))
 
 
 def materialize_layers(
@@ -135,13 +167,13 @@ def materialize_layers(
         kernel = jnp.asarray(get_path(hstate.params, ("params", *p, "kernel")))
         b_old = get_path(st, ("binary", *p, "B"))
         groups = b_old.shape[0]
-        b, alpha, _ = _binary_weights(
+        b, alpha, _ = binary_weights_and_error(
             kernel,
             groups,
             get_path(hstate.params, ("quant", *p)),
             get_path(st, ("calib", *p), {}),
             qcfg,
-            refine_sweeps=refine_sweeps,
+            int(refine_sweeps),
         )
         st = set_path(st, ("binary", *p, "B"), np.asarray(b, np.int8))
         st = set_path(st, ("binary", *p, "alpha"), np.asarray(alpha, np.float32))
@@ -171,9 +203,10 @@ def reestimate_bn(
     if not jax.tree.leaves(hstate.state.get("batch_stats", {})):
         return hstate
     rvars = parallel.replicate(hstate.variables)
+    outs = [bn_fn(rvars, parallel.shard(images), 0.0) for images in batches]
     total, n = None, 0
-    for images in batches:
-        stats = parallel.to_host(bn_fn(rvars, parallel.shard(images), 0.0))
+    for out in outs:
+        stats = parallel.to_host(out)
         total = stats if total is None else jax.tree.map(np.add, total, stats)
         n += 1
     if n == 0:

@@ -49,11 +49,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Los
       are multiplied by the mask again, so a frozen leaf stays bit-identical even under Adam
       momentum;
     * a step whose loss or gradients are not finite leaves the state unchanged and reports
-      ``nonfinite = 1`` (the trainer stops at the next log).
+      ``nonfinite = 1`` (the trainer stops at the next log);
+    * the info-loss term is computed (and reported as ``info``) only when ``info_weight > 0``;
+      otherwise the metric is 0 and the binarizing layers skip its products with ``C``.
 
     ``batch``: ``{'image': [b, H, W, C] float32, 'label': [b] int32}``. ``teacher``: FP variables
     of the teacher model, or ``None`` (then ``kd_weight`` must be 0).
     """
+
+    # Binarizing layers compute the info-loss term only when ``losses`` is mutable: ask for it
+    # only when it is weighted (it is not free: two products with ``C`` per layer and step).
+    mutable = ["batch_stats", "losses"] if cfg.info_weight else ["batch_stats"]
 
     def train_step(state: TrainState, batch, rng, teacher):
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
@@ -67,7 +73,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Los
                 {**params, **state.state},
                 images,
                 train=True,
-                mutable=["batch_stats", "losses"],
+                mutable=mutable,
                 rngs={"dropout": rng},
             )
             ce = jnp.mean(losses.cross_entropy(logits, labels, cfg.label_smoothing))
@@ -142,14 +148,15 @@ def bn_step(model: nn.Module, variables, images, base: float = 0.0) -> dict:
 
     Flax's BN updates ``new = m * old + (1 - m) * batch_stat``. With ``base = 0`` this returns
     ``(1 - m) * batch_stat``; comparing ``base = 0`` and ``base = 1`` measures ``m``. Used for BN
-    re-estimation (:mod:`qat_jax.train.calibrate`). Averaged over devices.
+    re-estimation (:mod:`qat_jax.train.calibrate`). Averaged over devices. ``base`` may be traced
+    (map it with ``in_axes=None``): then both values share one compiled program.
     """
     filled = jax.tree.map(lambda x: jnp.full_like(x, base), variables["batch_stats"])
     _, new_vars = model.apply(
         {**variables, "batch_stats": filled},
         images,
         train=True,
-        mutable=["batch_stats", "losses"],
+        mutable=["batch_stats"],
         rngs={"dropout": jax.random.PRNGKey(0)},
     )
     return lax.pmean(new_vars["batch_stats"], AXIS)

@@ -1,0 +1,554 @@
+"""Train-step benchmark: ``fp``, ``xnor`` and every ``bitat`` stage kind, timed in one process.
+
+For one model setup it measures, after warm-up and interleaved over ``--rounds`` so that a change
+of machine load hits every variant alike:
+
+* the median wall time of one pmapped train step (the trainer's step: ``make_train_step`` under
+  ``jax.pmap`` with the state donated) for ``fp`` (the FP phase: cross-entropy only), ``xnor``
+  (every layer binarizing, ``C = I``, KD from the teacher) and ``bitat`` at chosen stages of the
+  block schedule (``stage k``: block ``k`` binarizing with its trainable transform, the blocks
+  below frozen binary, the rest FP) and in the final phase (everything frozen binary); the ratios
+  ``bitat/xnor`` and ``xnor/fp``;
+* XLA compiles (count, seconds; ``jax.monitoring`` backend-compile events) of the first call of
+  each variant: a stage switch changes only data (modes, masks), so it must compile nothing;
+* per stage: the wall time (and compiles) of calibration (``calibrate_layers``), of materialising
+  the block that the stage completes, of one BN re-estimation and of one stage evaluation; each
+  timed twice (first call, with its compiles, and again warm).
+
+Setups: ``mnv2_c100`` (MobileNetV2-CIFAR width 1.0, 100 classes, batch 128, 32x32x3: the
+``configs/cifar100_mobilenetv2.py`` model), ``default`` (``configs/default.py``: its model, batch
+and image shape), ``tiny`` (``configs/tiny.py``; what ``--quick`` runs). Inputs are random
+(data loading is not part of a step; see ``bench_pipeline.py``).
+
+Usage::
+
+    python benchmarks/bench_step.py --setup=default --json=runs/bench/step_default.json
+    python benchmarks/bench_step.py --setup=mnv2_c100 --steps=3 --rounds=2 --stages=auto
+    python benchmarks/bench_step.py --quick        # seconds: smoke run of the tiny setup
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qat_jax.hostenv import tune_malloc  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SETUPS = {
+    # name: (config file, batch size or None for the config's, num_classes, image shape)
+    "mnv2_c100": ("configs/cifar100_mobilenetv2.py", 128, 100, (32, 32, 3)),
+    "default": ("configs/default.py", None, 10, (32, 32, 1)),
+    "tiny": ("configs/tiny.py", None, 10, (32, 32, 1)),
+}
+
+
+class CompileLog:
+    """Collects XLA backend compiles (``jax.monitoring`` time spans) while it is active."""
+
+    def __init__(self):
+        import jax
+
+        self.events: list[tuple[str, float, float]] = []
+        self._event = "/jax/core/compile/backend_compile_duration"
+        jax.monitoring.register_event_time_span_listener(self._listen)
+
+    def _listen(self, event, start, end, **kwargs):
+        if event == self._event:
+            self.events.append((str(kwargs.get("fun_name", "?")), float(start), float(end)))
+
+    def close(self) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_time_span_listener(self._listen)
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def since(self, mark: int) -> dict:
+        ev = self.events[mark:]
+        return {
+            "compiles": len(ev),
+            "compile_s": round(sum(e - s for _, s, e in ev), 3),
+            "functions": sorted({n for n, _, _ in ev}),
+        }
+
+
+@dataclasses.dataclass
+class Setup:
+    name: str
+    config: object
+    batch_size: int
+    num_classes: int
+    image_shape: tuple
+
+
+def load_setup(name: str, batch_size: int | None = None) -> Setup:
+    from qat_jax.train.config_files import load_config_file
+
+    path, batch, classes, shape = SETUPS[name]
+    config = load_config_file(os.path.join(ROOT, path))
+    config.unlock()
+    bs = int(batch_size or batch or config.batch_size)
+    return Setup(name, config, bs, classes, shape)
+
+
+def _quant_config(config, method: str):
+    from qat_jax import layers as qlayers
+    from qat_jax.train.methods import method_settings
+
+    s = method_settings(method)
+    clip = config.quant.weight_clip
+    return qlayers.QuantConfig(
+        transform=s.transform,
+        weight_clip=None if clip is None or clip <= 0 else float(clip),
+        act_grad=config.quant.act_grad,
+    )
+
+
+class Bench:
+    """Builds models, states and pmapped functions of one setup, like the trainer does."""
+
+    def __init__(self, setup: Setup, seed: int = 0, methods=("fp", "xnor", "bitat")):
+        import jax
+        import numpy as np
+        import optax
+
+        from qat_jax import models as qmodels
+        from qat_jax.train import parallel, steps
+        from qat_jax.train.methods import method_settings
+        from qat_jax.train.stages import ScheduleConfig, StageController
+        from qat_jax.train.state import TrainState, map_with_path, split_variables
+        from qat_jax.train.trainer import build_model
+
+        self.setup = setup
+        cfg = setup.config
+        self.ndev = jax.local_device_count()
+        if setup.batch_size % self.ndev:
+            raise ValueError(f"batch {setup.batch_size} is not a multiple of {self.ndev} devices")
+        rng = np.random.default_rng(seed)
+        per_dev = setup.batch_size // self.ndev
+        images = rng.standard_normal((self.ndev, per_dev, *setup.image_shape)).astype(np.float32)
+        labels = rng.integers(0, setup.num_classes, (self.ndev, per_dev)).astype(np.int32)
+        self.host_images = images
+        self.batch = parallel.shard({"image": images, "label": labels})
+        self.rng = parallel.replicate(jax.random.PRNGKey(seed))
+        self.models, self.states, self.controllers, self.qcfgs = {}, {}, {}, {}
+        self.steps_fn = {}
+        loss = steps.LossConfig(
+            kd_weight=float(cfg.loss.kd_weight),
+            kd_temperature=float(cfg.loss.kd_temperature),
+            info_weight=float(cfg.loss.info_weight),
+            label_smoothing=float(cfg.loss.label_smoothing),
+        )
+        tx = optax.chain(optax.adam(1e-4))
+        self.methods = tuple(methods)
+        for method in self.methods:
+            settings = method_settings(method)
+            qcfg = _quant_config(cfg, method)
+            model = build_model(cfg, setup.num_classes, qcfg, bn_axis_name=parallel.AXIS)
+            variables = qmodels.init_variables(
+                model, jax.random.PRNGKey(seed), (1, *setup.image_shape)
+            )
+            trainable, state_vars = split_variables(variables)
+            hstate = TrainState(
+                step=np.asarray(0, np.int32),
+                params=trainable,
+                state=state_vars,
+                opt_state=tx.init(trainable),
+                mask=map_with_path(lambda p, _: np.float32(p[0] == "params"), trainable),
+            )
+            self.models[method] = model
+            self.qcfgs[method] = qcfg
+            self.states[method] = jax.tree.map(np.asarray, jax.device_get(hstate))
+            if settings.quantize:
+                layers = [(q.path, q.block_id) for q in qmodels.quantizable_layers(variables)]
+                sched = ScheduleConfig(
+                    granularity=settings.granularity or cfg.schedule.granularity,
+                    steps_per_stage=1,
+                    final_steps=1,
+                    train_transform=settings.train_transform,
+                )
+                self.controllers[method] = StageController(layers, sched)
+            lc = loss if settings.quantize else dataclasses.replace(loss, kd_weight=0.0)
+            self.steps_fn[method] = parallel.pmap(
+                steps.make_train_step(model, tx, lc), donate_argnums=(0,)
+            )
+        # The KD teacher: the QAT model's own FP variables (every mode 0), as in the trainer.
+        self.teachers = {
+            m: parallel.replicate(
+                {
+                    **self.states[m].variables,
+                    "qstate": jax.tree.map(np.zeros_like, self.states[m].state["qstate"]),
+                }
+            )
+            for m in self.methods
+            if m != "fp"
+        }
+        self.teachers["fp"] = None
+        model = self.models["bitat"]
+        self.calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
+        self.bn_fn = parallel.pmap(
+            lambda v, x, base: steps.bn_step(model, v, x, base), in_axes=(0, 0, None)
+        )
+        self.eval_fn = parallel.pmap(lambda v, b: steps.eval_step(model, v, b))
+
+    # -- states ----------------------------------------------------------------------------
+    def stage_state(self, method: str, k: int):
+        """Host state of ``method`` in stage ``k`` (``num_stages``: final); frozen B/alpha filled."""
+        import numpy as np
+
+        from qat_jax import layers as qlayers
+        from qat_jax.train import calibrate
+        from qat_jax.train.state import get_path, set_path
+
+        hstate = self.states[method]
+        if method == "fp":
+            return hstate
+        c = self.controllers[method]
+        modes = c.modes(k)
+        hstate = calibrate.apply_modes(hstate, modes)
+        st = dict(hstate.state)
+        for p, (w, _) in modes.items():
+            if w != qlayers.FROZEN:
+                continue
+            kernel = np.asarray(get_path(hstate.params, ("params", *p, "kernel")))
+            groups = get_path(st, ("binary", *p, "B")).shape[0]
+            wm = np.asarray(qlayers.kernel_to_matrix(kernel, groups))
+            st = set_path(st, ("binary", *p, "B"), np.where(wm >= 0, 1, -1).astype(np.int8))
+            st = set_path(st, ("binary", *p, "alpha"), np.mean(np.abs(wm), -1).astype(np.float32))
+        mask = c.mask(k, hstate.params)
+        mask = {k2: _to_np(v) for k2, v in mask.items()}
+        return hstate.replace(state=st, mask=mask)
+
+    def variants(self, stages: str) -> list[tuple[str, str, int]]:
+        """``(label, method, stage index)`` of the variants to time."""
+        c = self.controllers["bitat"]
+        n = c.num_stages
+        if stages == "all":
+            ks = list(range(n))
+        elif stages == "auto":
+            ks = sorted({0, n // 2, self.heaviest_stage(), n - 1})
+        else:
+            ks = [int(s) for s in stages.split(",") if s]
+        out = [(m, m, -1 if m == "fp" else 0) for m in ("fp", "xnor") if m in self.methods]
+        out += [(f"bitat stage {k}", "bitat", k) for k in ks]
+        out.append(("bitat final", "bitat", n))
+        return out
+
+    def heaviest_stage(self) -> int:
+        """The stage whose binarizing layers have the largest transform size ``sum G * d^3``."""
+        from qat_jax.train.state import get_path
+
+        c = self.controllers["bitat"]
+        cost = []
+        for s in c.stages:
+            tot = 0
+            for p in s.layers:
+                g, d, _ = get_path(self.states["bitat"].params, ("quant", *p, "P")).shape
+                tot += g * d**3
+            cost.append(tot)
+        return int(max(range(len(cost)), key=cost.__getitem__))
+
+    def describe_stage(self, k: int) -> str:
+        c = self.controllers["bitat"]
+        if k >= c.num_stages:
+            return "final (all frozen binary)"
+        return c.describe(k)
+
+
+def _to_np(tree):
+    import jax
+    import numpy as np
+
+    return jax.tree.map(np.asarray, tree)
+
+
+def time_steps(bench: Bench, variants, steps: int, warmup: int, rounds: int, log: CompileLog):
+    """Median step seconds per variant, interleaved over rounds; compiles of each first call."""
+    import jax
+
+    from qat_jax.train import parallel
+
+    rstates, first, times = {}, {}, {label: [] for label, _, _ in variants}
+    for label, method, k in variants:
+        rstates[label] = parallel.replicate(bench.stage_state(method, k))
+        mark = log.mark()
+        t0 = time.perf_counter()
+        teacher = bench.teachers[method]
+        for _ in range(max(warmup, 1)):
+            rstates[label], m = bench.steps_fn[method](
+                rstates[label], bench.batch, bench.rng, teacher
+            )
+            jax.block_until_ready(m)
+        first[label] = {"first_calls_s": round(time.perf_counter() - t0, 3), **log.since(mark)}
+    for _ in range(rounds):
+        for label, method, _k in variants:
+            teacher = bench.teachers[method]
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                rstates[label], m = bench.steps_fn[method](
+                    rstates[label], bench.batch, bench.rng, teacher
+                )
+                jax.block_until_ready(m)
+                times[label].append(time.perf_counter() - t0)
+    del rstates
+    return {label: statistics.median(ts) for label, ts in times.items()}, first, times
+
+
+def time_transitions(
+    bench: Bench,
+    stages: list[int],
+    calib_batches: int,
+    bn_batches: int,
+    eval_examples: int,
+    log: CompileLog,
+) -> list[dict]:
+    """Per stage: calibration, materialisation, BN re-estimation, stage evaluation (first, warm)."""
+    import jax
+    import numpy as np
+
+    from qat_jax.train import calibrate, parallel
+
+    cfg = bench.setup.config
+    c = bench.controllers["bitat"]
+    qcfg = bench.qcfgs["bitat"]
+    pool = [bench.host_images] * max(calib_batches, bn_batches)
+    n_eval = max(eval_examples // bench.setup.batch_size, 1)
+    eval_batch = parallel.shard(
+        {
+            "image": bench.host_images,
+            "label": np.zeros(bench.host_images.shape[:2], np.int32),
+            "mask": np.ones(bench.host_images.shape[:2], np.float32),
+        }
+    )
+    out = []
+
+    def timed(fn):
+        res = {}
+        for tag in ("first", "warm"):
+            mark = log.mark()
+            t0 = time.perf_counter()
+            val = fn()
+            jax.block_until_ready(jax.tree.leaves(val))
+            res[f"{tag}_s"] = round(time.perf_counter() - t0, 4)
+            if tag == "first":
+                res.update(log.since(mark))
+                res.pop("functions")
+        return val, res
+
+    for k in stages:
+        hstate = bench.stage_state("bitat", k)
+        row = {"stage": k, "label": bench.describe_stage(k)}
+        _, row["calibrate"] = timed(
+            lambda h=hstate, k=k: (
+                calibrate.calibrate_layers(
+                    h,
+                    c.stages[k].layers,
+                    bench.calib_fn,
+                    lambda: pool[:calib_batches],
+                    qcfg,
+                    float(cfg.quant.gamma),
+                ).params
+            )
+        )
+        if c.stages[k].completes:
+            _, row["materialize"] = timed(
+                lambda h=hstate, k=k: calibrate.materialize_layers(
+                    h, c.stages[k].completes, qcfg, int(cfg.quant.refine_sweeps)
+                ).state["binary"]
+            )
+        _, row["bn_reestimate"] = timed(
+            lambda h=hstate: calibrate.reestimate_bn(h, bench.bn_fn, pool[:bn_batches], 0.9).state[
+                "batch_stats"
+            ]
+        )
+
+        def evaluate(h=hstate):
+            rv = parallel.replicate(h.variables)
+            tot = None
+            for _ in range(n_eval):
+                o = bench.eval_fn(rv, eval_batch)
+                tot = o if tot is None else jax.tree.map(lambda a, b: a + b, tot, o)
+            return parallel.to_host(tot)
+
+        _, row["evaluate"] = timed(evaluate)
+        row["evaluate"]["examples"] = n_eval * bench.setup.batch_size
+        out.append(row)
+    return out
+
+
+def load_info() -> dict:
+    la1, la5, la15 = os.getloadavg()
+    return {"loadavg_1m": round(la1, 2), "loadavg_5m": round(la5, 2), "cpus": os.cpu_count()}
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    s = result["setup"]
+    lines.append(
+        f"== train step: {s['name']} (batch {s['batch_size']}, {s['image_shape']}, "
+        f"{s['num_classes']} classes), {result['device']}, load before {result['load_before']}, "
+        f"after {result['load_after']} =="
+    )
+    lines.append(
+        f"{'variant':<16}{'median s':>10}{'min s':>9}{'img/s':>8}{'x xnor':>8}{'x fp':>7}"
+        f"{'min x xnor':>11}{'compiles':>9}{'compile s':>10}  stage"
+    )
+
+    def num(v, width, prec=3):
+        return f"{v:>{width}.{prec}f}" if v is not None else f"{'-':>{width}}"
+
+    for row in result["steps"]:
+        lines.append(
+            f"{row['label']:<16}{row['median_s']:>10.4f}{row['min_s']:>9.4f}"
+            f"{row['images_per_s']:>8.0f}{num(row['vs_xnor'], 8)}{num(row['vs_fp'], 7)}"
+            f"{num(row['min_vs_xnor'], 11)}{row['compiles']:>9d}{row['compile_s']:>10.2f}"
+            f"  {row.get('stage', '')}"
+        )
+    r = result["ratios"]
+    lines.append(
+        f"bitat/xnor (medians): max {num(r['bitat_over_xnor_max'], 0)}, mean "
+        f"{num(r['bitat_over_xnor_mean'], 0)} (target <= 1.15); by minima: max "
+        f"{num(r['bitat_over_xnor_max_of_min'], 0)}; xnor/fp {num(r['xnor_over_fp'], 0)}; "
+        f"compiles on stage switches: {r['compiles_on_stage_switch']}"
+    )
+    if result.get("transitions"):
+        lines.append("== per stage transition parts: first call (compiles) / warm, seconds ==")
+        lines.append(
+            f"{'stage':<6}{'calibrate':>22}{'materialize':>22}{'bn re-est.':>22}{'evaluate':>22}"
+        )
+
+        def cell(d):
+            if not d:
+                return f"{'-':>22}"
+            return f"{d['first_s']:>9.2f} ({d['compiles']:>2d}) /{d['warm_s']:>6.2f}"
+
+        for t in result["transitions"]:
+            lines.append(
+                f"{t['stage']:<6}{cell(t.get('calibrate'))}{cell(t.get('materialize'))}"
+                f"{cell(t.get('bn_reestimate'))}{cell(t.get('evaluate'))}"
+            )
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    import jax
+
+    log = CompileLog()
+    setup = load_setup(args.setup, args.batch_size)
+    load_before = load_info()
+    t0 = time.perf_counter()
+    wanted = args.methods.split(",") + ["bitat"]
+    methods = tuple(m for m in ("fp", "xnor", "bitat") if m in wanted)
+    bench = Bench(setup, methods=methods)
+    build_s = time.perf_counter() - t0
+    variants = bench.variants(args.stages)
+    med, first, raw = time_steps(bench, variants, args.steps, args.warmup, args.rounds, log)
+    low = {label: min(ts) for label, ts in raw.items()}
+    fp, xnor = med.get("fp"), med.get("xnor")
+
+    def ratio(a, b):
+        return None if a is None or b is None else round(a / b, 4)
+
+    rows = []
+    for label, method, k in variants:
+        rows.append(
+            {
+                "label": label,
+                "method": method,
+                "stage_index": k,
+                "stage": bench.describe_stage(k) if method == "bitat" else "",
+                "median_s": round(med[label], 5),
+                "images_per_s": round(setup.batch_size / med[label], 1),
+                "min_s": round(low[label], 5),
+                "vs_xnor": ratio(med[label], xnor),
+                "vs_fp": ratio(med[label], fp),
+                "min_vs_xnor": ratio(low[label], low.get("xnor")),
+                "samples_s": [round(x, 5) for x in raw[label]],
+                **first[label],
+            }
+        )
+    bitat = [r for r in rows if r["method"] == "bitat"]
+    switch_compiles = sum(r["compiles"] for r in bitat[1:])
+    result = {
+        "setup": {
+            "name": setup.name,
+            "batch_size": setup.batch_size,
+            "image_shape": list(setup.image_shape),
+            "num_classes": setup.num_classes,
+            "num_stages": bench.controllers["bitat"].num_stages,
+        },
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "backend": jax.default_backend(),
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "build_s": round(build_s, 2),
+        "steps": rows,
+        "ratios": {
+            "bitat_over_xnor_max": ratio(max(r["median_s"] for r in bitat), xnor),
+            "bitat_over_xnor_mean": ratio(statistics.mean(r["median_s"] for r in bitat), xnor),
+            "bitat_over_xnor_max_of_min": ratio(max(r["min_s"] for r in bitat), low.get("xnor")),
+            "xnor_over_fp": ratio(xnor, fp),
+            # Variants after the first bitat one differ only in data (modes, mask, B/alpha).
+            "compiles_on_stage_switch": switch_compiles,
+        },
+    }
+    if args.transitions != "none":
+        c = bench.controllers["bitat"]
+        ks = (
+            list(range(c.num_stages))
+            if args.transitions == "all"
+            else [int(s) for s in args.transitions.split(",")]
+        )
+        cfg = setup.config
+        result["transitions"] = time_transitions(
+            bench,
+            ks,
+            int(cfg.schedule.calib_batches),
+            int(cfg.schedule.bn_batches),
+            int(args.eval_examples),
+            log,
+        )
+    result["load_before"] = load_before
+    result["load_after"] = load_info()
+    return result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setup", default="default", choices=sorted(SETUPS))
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant (1st compiles)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--methods", default="fp,xnor,bitat", help="bitat is always timed")
+    p.add_argument("--stages", default="all", help="'all', 'auto' or comma-separated indices")
+    p.add_argument("--transitions", default="all", help="'all', 'none' or stage indices")
+    p.add_argument("--eval_examples", type=int, default=500)
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--quick", action="store_true", help="tiny setup, 1 step, 1 round")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.setup, args.steps, args.warmup, args.rounds = "tiny", 1, 1, 1
+        args.eval_examples = 16
+    tune_malloc()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

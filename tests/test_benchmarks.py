@@ -1,0 +1,53 @@
+"""Keeps the benchmark scripts from rotting: a small piece of each, asserting what they rely on.
+
+The benchmarks are not tests (no timings are asserted); what is asserted here is behaviour they
+report: a stage switch of the progressive schedule changes only data, so the compiled train step
+is reused (zero compiles), and every function ``bench_run.py`` wraps still exists.
+"""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"qat_jax_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_step():
+    return _load("bench_step")
+
+
+def test_stage_switches_reuse_the_compiled_step(bench_step):
+    setup = bench_step.load_setup("tiny")
+    setup.config.model.inverted_residual_setting = ((1, 8, 1, 1),)  # one block + head: 2 stages
+    log = bench_step.CompileLog()
+    try:
+        bench = bench_step.Bench(setup, methods=("bitat",))
+        n = bench.controllers["bitat"].num_stages
+        variants = [(f"stage {k}", "bitat", k) for k in range(n)] + [("final", "bitat", n)]
+        med, first, raw = bench_step.time_steps(bench, variants, 1, 1, 1, log)
+    finally:
+        log.close()
+    assert n == 2
+    assert first["stage 0"]["compiles"] >= 1  # the step itself (the listener sees compiles)
+    for label, _, _ in variants[1:]:
+        assert first[label]["compiles"] == 0, (label, first[label])
+    assert set(med) == {label for label, _, _ in variants}
+    assert all(len(ts) == 1 and ts[0] > 0 for ts in raw.values())
+
+
+def test_bench_run_wraps_existing_functions():
+    bench_run = _load("bench_run")
+    for owner, attr, _part in bench_run.targets():
+        assert callable(getattr(owner, attr)), (owner, attr)
