@@ -12,7 +12,7 @@ from qat_jax.data import get_config_defaults
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # fp | xnor | progressive | bitat_fixed | bitat (see docs/method.md).
+    # fp | xnor | reactnet | progressive | bitat_fixed | bitat (see docs/method.md).
     c.method = "bitat"
     # 'train_fp' trains the FP model first; a path loads a saved FP model (e.g. <workdir>/teacher).
     c.init = "train_fp"
@@ -71,11 +71,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.tau_init = "mean"  # 'mean' | 'zero'
     c.quant.refine_sweeps = 0  # greedy flip sweeps when a block is materialised
     c.quant.train_transform = True
+    # Layer kinds kept FP ('conv' | 'depthwise' | 'pointwise' | 'dense'); () binarizes every
+    # conv but the stem (the classifier is always FP).
+    c.quant.fp_kinds = ()
 
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.granularity = "block"  # 'layer' (paper) | 'block' | 'all'
+    # 'layer' (paper) | 'block' | 'all' | 'two_step' (methods xnor/reactnet set their own).
+    c.schedule.granularity = "block"
     c.schedule.steps_per_stage = 30
     c.schedule.final_steps = 40
+    # > 0: the stages share this many steps whatever their number (equal budgets across methods;
+    # the comparison sets it); 0: steps_per_stage each.
+    c.schedule.total_stage_steps = 0
     c.schedule.final_train_latent = False
     c.schedule.calib_batches = 2
     c.schedule.bn_batches = 4

@@ -150,3 +150,51 @@ def test_record_roundtrip_and_mismatch():
     with pytest.raises(ValueError, match="stages"):
         e.restore(c.record())
     assert np.isfinite(c.total_steps)
+
+
+def test_two_step_binarizes_inputs_then_weights():
+    c = StageController(LAYERS, ScheduleConfig(granularity="two_step", steps_per_stage=5))
+    assert c.num_stages == 2
+    assert not c.stages[0].weights and c.stages[1].weights
+    paths = [p for p, _ in LAYERS]
+    # Step 1: every input binary, every weight FP and trainable; thresholds train.
+    assert c.modes(0) == {p: (FP, 1) for p in paths}
+    assert c.new_binary_inputs(0) == set(paths)
+    m0 = c.mask(0, _params())
+    assert all(_get(m0, "params", *p, "kernel") == 1.0 for p in paths)
+    assert all(_get(m0, "quant", *p, "tau") == 1.0 for p in paths)
+    # Step 2: every weight binarizing with its latent W trainable; no new thresholds to set.
+    assert c.modes(1) == {p: (BINARIZING, 1) for p in paths}
+    assert c.new_binary_inputs(1) == set()
+    m1 = c.mask(1, _params())
+    assert all(_get(m1, "params", *p, "kernel") == 1.0 for p in paths)
+    # Then everything is materialised and frozen.
+    assert set(c.stages[1].completes) == set(paths)
+    assert c.modes(c.final_index) == {p: (FROZEN, 1) for p in paths}
+    mf = c.mask(c.final_index, _params())
+    assert all(_get(mf, "params", *p, "kernel") == 0.0 for p in paths)
+    assert "inputs of" in c.describe(0) and "inputs of" not in c.describe(1)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block", "all", "two_step"])
+def test_total_stage_steps_gives_every_granularity_the_same_budget(granularity):
+    cfg = ScheduleConfig(
+        granularity=granularity, steps_per_stage=7, final_steps=4, total_stage_steps=20
+    )
+    c = StageController(LAYERS, cfg, qat_start=10)
+    assert c.total_steps == 10 + 20 + 4
+    starts = [c.stage_start(k) for k in range(c.num_stages + 1)]
+    assert starts[0] == 10 and starts[-1] == 30
+    assert all(b - a >= 1 for a, b in zip(starts, starts[1:], strict=False))
+    # stage_at inverts stage_start on every step.
+    for step in range(0, c.total_steps):
+        k = c.stage_at(step)
+        if step < 10:
+            assert k == FP_PHASE
+        else:
+            assert starts[k] <= step and (k == c.num_stages or step < starts[k + 1])
+
+
+def test_total_stage_steps_smaller_than_stages_is_rejected():
+    with pytest.raises(ValueError, match="fewer than the 7 stages"):
+        StageController(LAYERS, ScheduleConfig(granularity="layer", total_stage_steps=3))

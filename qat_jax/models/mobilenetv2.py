@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qat_jax.activations import ConvActivation, conv_a_mode
 from qat_jax.layers import BinaryConv, QuantConfig
 from qat_jax.models.common import Conv, _make_divisible, batch_norm
 
@@ -68,6 +69,7 @@ class InvertedResidual(nn.Module):
       expand_ratio: ``t``; the hidden width is ``round(C_in * t)`` and ``t == 1`` has no expand.
       block_id: block id of all three convs.
       act: activation after expand and depthwise (ReLU6).
+      rprelu: RPReLU instead of ``act`` after convs whose input is binary (``reactnet``).
     """
 
     features: int
@@ -79,6 +81,7 @@ class InvertedResidual(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     act: Callable = nn.relu6
+    rprelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -92,19 +95,22 @@ class InvertedResidual(nn.Module):
         def bn(name):
             return batch_norm(train, self.bn_axis_name, self.dtype, name)
 
+        def act(name, y, conv_module):
+            return ConvActivation(self.act, self.rprelu, name=name)(y, conv_a_mode(conv_module))
+
         y = x
         if self.expand_ratio != 1:
-            y = BinaryConv(hidden, (1, 1), name="expand", **conv)(y)
-            y = self.act(bn("expand_bn")(y))
-        y = BinaryConv(
+            expand = BinaryConv(hidden, (1, 1), name="expand", **conv)
+            y = act("expand_act", bn("expand_bn")(expand(y)), expand)
+        depthwise = BinaryConv(
             hidden,
             (3, 3),
             (self.strides, self.strides),
             feature_group_count=hidden,
             name="depthwise",
             **conv,
-        )(y)
-        y = self.act(bn("depthwise_bn")(y))
+        )
+        y = act("depthwise_act", bn("depthwise_bn")(depthwise(y)), depthwise)
         y = BinaryConv(self.features, (1, 1), name="project", **conv)(y)
         y = bn("project_bn")(y)
         if self.strides == 1 and c_in == self.features:
@@ -131,6 +137,8 @@ class MobileNetV2(nn.Module):
       last_channel: output channels of ``head_conv``, used as given (not scaled); ``None``: the
         torchvision rule ``_make_divisible(1280 * max(1, width_mult), 8)``.
       round_nearest: channel rounding multiple (torchvision's 8).
+      rprelu: RPReLU instead of ReLU6 after every binary conv once its input is binary (the
+        ``reactnet`` method; see :mod:`qat_jax.activations`). ``False`` adds no variables.
     """
 
     num_classes: int = 1000
@@ -144,6 +152,7 @@ class MobileNetV2(nn.Module):
     inverted_residual_setting: Sequence[tuple[int, int, int, int]] | None = None
     last_channel: int | None = None
     round_nearest: int = _ROUND
+    rprelu: bool = False
 
     def stages(self) -> tuple[tuple[int, int, int, int], ...]:
         """The ``(t, c, n, s)`` stages actually built (before width scaling of ``c``)."""
@@ -205,11 +214,12 @@ class MobileNetV2(nn.Module):
                     conv_impl=self.conv_impl,
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
+                    rprelu=self.rprelu,
                     name=f"block{block_id}",
                 )(x, train)
                 block_id += 1
 
-        x = BinaryConv(
+        head = BinaryConv(
             last_channel,
             (1, 1),
             block_id=block_id,
@@ -217,8 +227,9 @@ class MobileNetV2(nn.Module):
             conv_impl=self.conv_impl,
             dtype=self.dtype,
             name="head_conv",
-        )(x)
-        x = nn.relu6(batch_norm(train, self.bn_axis_name, self.dtype, "head_bn")(x))
+        )
+        x = batch_norm(train, self.bn_axis_name, self.dtype, "head_bn")(head(x))
+        x = ConvActivation(nn.relu6, self.rprelu, name="head_act")(x, conv_a_mode(head))
 
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)

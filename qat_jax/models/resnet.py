@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qat_jax.activations import ConvActivation, conv_a_mode
 from qat_jax.layers import BinaryConv, QuantConfig
 from qat_jax.models.common import Conv, batch_norm, torch_linear_init
 
@@ -48,6 +49,7 @@ class BasicBlock(nn.Module):
       strides: stride of ``conv1`` and of the shortcut conv.
       block_id: block id of every conv in the block.
       act: activation (ReLU by default).
+      rprelu: RPReLU instead of ``act`` after convs whose input is binary (``reactnet``).
     """
 
     features: int
@@ -58,6 +60,7 @@ class BasicBlock(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     act: Callable = nn.relu
+    rprelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -70,14 +73,16 @@ class BasicBlock(nn.Module):
         def bn(name):
             return batch_norm(train, self.bn_axis_name, self.dtype, name)
 
-        y = BinaryConv(self.features, (3, 3), s, name="conv1", **conv)(x)
-        y = self.act(bn("bn1")(y))
-        y = BinaryConv(self.features, (3, 3), name="conv2", **conv)(y)
-        y = bn("bn2")(y)
+        conv1 = BinaryConv(self.features, (3, 3), s, name="conv1", **conv)
+        y = ConvActivation(self.act, self.rprelu, name="act1")(
+            bn("bn1")(conv1(x)), conv_a_mode(conv1)
+        )
+        conv2 = BinaryConv(self.features, (3, 3), name="conv2", **conv)
+        y = bn("bn2")(conv2(y))
         if self.strides != 1 or x.shape[-1] != self.features:
             x = BinaryConv(self.features, (1, 1), s, name="shortcut", **conv)(x)
             x = bn("shortcut_bn")(x)
-        return self.act(y + x)
+        return ConvActivation(self.act, self.rprelu, name="act2")(y + x, conv_a_mode(conv2))
 
 
 class ResNet(nn.Module):
@@ -95,6 +100,8 @@ class ResNet(nn.Module):
       dtype: compute dtype (parameters and BN statistics stay float32; logits are float32).
       bn_axis_name: axis name for synchronised BN under ``pmap`` (``None``: local statistics).
       act: activation after the stem and in every block.
+      rprelu: RPReLU instead of ``act`` after binary convs once their input is binary
+        (``reactnet``; see :mod:`qat_jax.activations`).
     """
 
     stage_sizes: Sequence[int] = (3, 3, 3)
@@ -107,6 +114,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
     act: Callable = nn.relu
+    rprelu: bool = False
 
     def num_blocks(self) -> int:
         """Number of BasicBlocks (= number of block ids)."""
@@ -143,6 +151,7 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
                     act=self.act,
+                    rprelu=self.rprelu,
                     name=f"block{block_id}",
                 )(x, train)
                 block_id += 1

@@ -71,6 +71,7 @@ def calibrate_layers(
     qcfg: qlayers.QuantConfig,
     gamma: float,
     tau_init: str = "mean",
+    tau_layers: Sequence[Path] | None = None,
 ) -> TrainState:
     """Calibrate ``layers`` on the current network (they are still in FP mode).
 
@@ -83,18 +84,23 @@ def calibrate_layers(
       qcfg: the model's quant config (``transform`` decides whether pass 2 runs).
       gamma: importance tempering exponent.
       tau_init: ``'mean'`` (per-channel input mean) or ``'zero'``.
+      tau_layers: the layers whose threshold is initialised (default: ``layers``); a layer whose
+        input is already binary keeps its trained ``tau`` (ReActNet's second step).
     """
     if tau_init not in ("mean", "zero"):
         raise ValueError(f"quant.tau_init must be 'mean' or 'zero', got {tau_init!r}")
     params = dict(hstate.params)
-    if tau_init == "mean":
+    tau_layers = tuple(layers) if tau_layers is None else tuple(tau_layers)
+    if not tau_layers:
+        pass
+    elif tau_init == "mean":
         stats = _sum_stats(calib_fn, parallel.replicate(hstate.variables), batches())
-        for p in layers:
+        for p in tau_layers:
             s = get_path(stats, p)
             tau = s["x_sum"] / np.maximum(s["count"], 1.0)
             params = set_path(params, ("quant", *p, "tau"), tau.astype(np.float32))
     else:
-        for p in layers:
+        for p in tau_layers:
             tau = get_path(params, ("quant", *p, "tau"))
             params = set_path(params, ("quant", *p, "tau"), np.zeros_like(tau))
     hstate = hstate.replace(params=params)

@@ -1,14 +1,19 @@
 """The methods of METHOD.md section 7 as settings of one code path.
 
-==============  ===========================================================================
-``fp``          full precision only (the FP phase; no QAT stages)
-``xnor``        every layer at once (granularity ``all``), ``C = I``: ``mean|W| sign(W)``
-``progressive`` the progressive schedule with the transform off (``C = I``)
-``bitat_fixed`` the progressive schedule, ``C`` from calibrated PCA, ``P``/``rho`` not trained
-``bitat``       everything: PCA init, trained Cayley basis and importance, progressive stages
-==============  ===========================================================================
+===============  ==========================================================================
+``fp``           full precision only (the FP phase; no QAT stages)
+``xnor``         every layer at once (granularity ``all``), ``C = I``: ``mean|W| sign(W)``,
+                 sign activations with a straight-through gradient
+``reactnet``     two steps (granularity ``two_step``): every input binary (RSign, ApproxSign
+                 gradient) with FP weights, then every weight binary (``C = I``); RPReLU after
+                 each binary conv; KD like every QAT method
+``progressive``  the progressive schedule with the transform off (``C = I``)
+``bitat_fixed``  the progressive schedule, ``C`` from calibrated PCA, ``P``/``rho`` not trained
+``bitat``        everything: PCA init, trained Cayley basis and importance, progressive stages
+===============  ==========================================================================
 
 ``progressive`` and ``bitat`` differ only in ``transform`` (and hence ``train_transform``).
+Settings left ``None`` take the config's value (``schedule.granularity``, ``quant.act_grad``).
 """
 
 from __future__ import annotations
@@ -24,12 +29,22 @@ class MethodSettings:
     transform: bool
     train_transform: bool
     granularity: str | None  # None: use the config's schedule.granularity
+    act_grad: str | None = None  # None: use the config's quant.act_grad
+    rprelu: bool = False  # RPReLU after binary convs (ReActNet)
 
 
 METHODS = {
     "fp": MethodSettings(quantize=False, transform=False, train_transform=False, granularity=None),
     "xnor": MethodSettings(
-        quantize=True, transform=False, train_transform=False, granularity="all"
+        quantize=True, transform=False, train_transform=False, granularity="all", act_grad="ste"
+    ),
+    "reactnet": MethodSettings(
+        quantize=True,
+        transform=False,
+        train_transform=False,
+        granularity="two_step",
+        act_grad="approx",
+        rprelu=True,
     ),
     "progressive": MethodSettings(
         quantize=True, transform=False, train_transform=False, granularity=None

@@ -3,7 +3,8 @@
 Given the model's quantizable layers in bottom-to-top order (with block ids) and the schedule
 config, it decides for every stage
 
-* which layers are quantized now (one layer, one block, or all at once),
+* which layers are quantized now (one layer, one block, or all at once; or ReActNet's two steps:
+  every input binary first, then every weight),
 * every layer's modes (``w_mode``: FP / binarizing / frozen binary; ``a_mode``: FP / binary input),
 * the **freeze mask** over the trainable variables:
 
@@ -17,7 +18,9 @@ config, it decides for every stage
 
 Stages are laid out on the global step axis: stage ``k`` covers
 ``[qat_start + k * steps_per_stage, qat_start + (k + 1) * steps_per_stage)``, then the final phase
-(everything binary) runs ``final_steps``. The controller's record (which stage has been entered)
+(everything binary) runs ``final_steps``. With ``total_stage_steps > 0`` the stages instead share
+that many steps (stage ``k`` starts at ``qat_start + k * total_stage_steps // num_stages``), which
+gives every granularity the same budget: how the comparison matches methods. The controller's record (which stage has been entered)
 is a small JSON dict saved with every checkpoint.
 """
 
@@ -34,7 +37,7 @@ from qat_jax.train.state import Path, map_with_path
 __all__ = ["ScheduleConfig", "Stage", "StageController", "FP_PHASE"]
 
 FP_PHASE = -1
-GRANULARITIES = ("layer", "block", "all")
+GRANULARITIES = ("layer", "block", "all", "two_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +46,11 @@ class ScheduleConfig:
 
     Attributes:
       granularity: ``'layer'`` (one layer per stage, the paper's), ``'block'`` (one block per
-        stage) or ``'all'`` (every layer in one stage: all-at-once baselines).
+        stage), ``'all'`` (every layer in one stage: all-at-once baselines) or ``'two_step'``
+        (ReActNet: stage 0 binarizes every layer's input, weights FP; stage 1 every weight).
       steps_per_stage: train steps of each stage (> 0).
+      total_stage_steps: when > 0, the stages share this many steps (equal budgets across
+        granularities) and ``steps_per_stage`` is ignored.
       final_steps: steps of the final all-binary phase (>= 0).
       train_transform: train ``P`` and ``rho`` (``False``: ``bitat_fixed``).
       final_train_latent: in the final phase keep layers binarizing with trainable latent ``W``
@@ -54,6 +60,7 @@ class ScheduleConfig:
     granularity: str = "layer"
     steps_per_stage: int = 100
     final_steps: int = 0
+    total_stage_steps: int = 0
     train_transform: bool = True
     final_train_latent: bool = False
 
@@ -67,18 +74,27 @@ class ScheduleConfig:
                 f"schedule.steps_per_stage must be > 0, got {self.steps_per_stage}: "
                 "set --config.schedule.steps_per_stage to a positive number"
             )
+        if int(self.total_stage_steps) < 0:
+            raise ValueError(
+                f"schedule.total_stage_steps must be >= 0 (0: use steps_per_stage), got "
+                f"{self.total_stage_steps}"
+            )
         if int(self.final_steps) < 0:
             raise ValueError(f"schedule.final_steps must be >= 0, got {self.final_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One stage: ``layers`` are quantized at its start; ``completes`` are materialised at its end."""
+    """One stage: ``layers`` are quantized at its start; ``completes`` are materialised at its end.
+
+    ``weights=False`` (ReActNet's first step): the stage binarizes only the layers' inputs.
+    """
 
     index: int
     layers: tuple[Path, ...]
     block_id: int
     completes: tuple[Path, ...]
+    weights: bool = True
 
 
 class StageController:
@@ -98,11 +114,22 @@ class StageController:
         self.block_of: dict[Path, int] = {tuple(p): int(b) for p, b in layers}
         self.qat_start = int(qat_start)
         self.stages = self._build_stages()
+        if int(cfg.total_stage_steps) and int(cfg.total_stage_steps) < len(self.stages):
+            raise ValueError(
+                f"schedule.total_stage_steps={cfg.total_stage_steps} is fewer than the "
+                f"{len(self.stages)} stages: every stage needs at least one step"
+            )
         self.entered = FP_PHASE  # record: index of the last stage whose start was applied
 
     # -- schedule ---------------------------------------------------------------------------
     def _build_stages(self) -> tuple[Stage, ...]:
         g = self.cfg.granularity
+        if g == "two_step":
+            last = self.block_of[self.layers[-1]]
+            return (
+                Stage(0, self.layers, last, (), weights=False),
+                Stage(1, self.layers, last, self.layers, weights=True),
+            )
         if g == "layer":
             groups = [(p,) for p in self.layers]
         elif g == "block":
@@ -143,6 +170,9 @@ class StageController:
 
     def stage_start(self, k: int) -> int:
         """Global step at which stage ``k`` (``k == num_stages``: the final phase) starts."""
+        total = int(self.cfg.total_stage_steps)
+        if total:
+            return self.qat_start + (k * total) // self.num_stages
         return self.qat_start + k * int(self.cfg.steps_per_stage)
 
     @property
@@ -153,15 +183,30 @@ class StageController:
         """Stage index active at global ``step`` (``FP_PHASE`` before QAT, ``num_stages`` final)."""
         if step < self.qat_start:
             return FP_PHASE
-        return min((step - self.qat_start) // int(self.cfg.steps_per_stage), self.num_stages)
+        k = 0
+        while k < self.num_stages and step >= self.stage_start(k + 1):
+            k += 1
+        return k
 
     # -- sets of layers ---------------------------------------------------------------------
     def quantized_through(self, k: int) -> set[Path]:
-        """Layers quantized in stages ``0..k`` (all of them in the final phase)."""
+        """Layers with binary inputs in stages ``0..k`` (all of them in the final phase)."""
         out: set[Path] = set()
         for s in self.stages[: max(k + 1, 0)]:
             out.update(s.layers)
         return out
+
+    def weights_quantized_through(self, k: int) -> set[Path]:
+        """Layers whose weights are binarized in stages ``0..k`` (all in the final phase)."""
+        out: set[Path] = set()
+        for s in self.stages[: max(k + 1, 0)]:
+            if s.weights:
+                out.update(s.layers)
+        return out
+
+    def new_binary_inputs(self, k: int) -> set[Path]:
+        """Layers whose input becomes binary at the start of stage ``k`` (their ``tau`` is set)."""
+        return self.quantized_through(k) - self.quantized_through(k - 1)
 
     def materialized_before(self, k: int) -> set[Path]:
         """Layers whose block was completed (and materialised) by the end of stage ``k - 1``."""
@@ -174,12 +219,13 @@ class StageController:
         """Layers whose ``P``, ``rho`` train in stage ``k``: the current block's quantized layers."""
         if not self.cfg.train_transform or k < 0 or k >= self.num_stages:
             return set()
-        return self.quantized_through(k) - self.materialized_before(k)
+        return self.weights_quantized_through(k) - self.materialized_before(k)
 
     # -- modes and mask ---------------------------------------------------------------------
     def modes(self, k: int) -> dict[Path, tuple[int, int]]:
         """``{layer: (w_mode, a_mode)}`` for stage ``k``."""
-        quantized = self.quantized_through(k)
+        binary_input = self.quantized_through(k)
+        binary_weight = self.weights_quantized_through(k)
         frozen = self.materialized_before(k)
         out = {}
         for p in self.layers:
@@ -187,8 +233,10 @@ class StageController:
                 out[p] = (BINARIZING, 1)
             elif p in frozen:
                 out[p] = (FROZEN, 1)
-            elif p in quantized:
+            elif p in binary_weight:
                 out[p] = (BINARIZING, 1)
+            elif p in binary_input:
+                out[p] = (FP, 1)
             else:
                 out[p] = (FP, 0)
         return out
@@ -214,7 +262,7 @@ class StageController:
         if layer is not None and name == "kernel":
             if final:
                 return self.cfg.final_train_latent
-            return layer not in self.quantized_through(k - 1)
+            return layer not in self.weights_quantized_through(k - 1)
         return True
 
     def mask(self, k: int, params: Mapping) -> dict:
@@ -229,10 +277,12 @@ class StageController:
             return "fp"
         if k >= self.num_stages:
             return "final"
-        names = ",".join("/".join(p) for p in self.stages[k].layers)
+        stage = self.stages[k]
+        names = ",".join("/".join(p) for p in stage.layers)
         if len(names) > 60:
-            names = f"{len(self.stages[k].layers)} layers"
-        return f"stage {k + 1}/{self.num_stages} [{names}]"
+            names = f"{len(stage.layers)} layers"
+        what = "" if stage.weights else "inputs of "
+        return f"stage {k + 1}/{self.num_stages} [{what}{names}]"
 
     # -- record -----------------------------------------------------------------------------
     def record(self) -> dict:

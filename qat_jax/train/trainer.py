@@ -74,6 +74,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             "model (e.g. <workdir>/teacher of an earlier run), a torchvision-layout .pth/"
             ".safetensors file, or --config.init=train_fp"
         )
+    bad_kinds = [k for k in tuple(config.quant.get("fp_kinds", ()) or ()) if k not in LAYER_KINDS]
+    if bad_kinds:
+        raise ConfigError(
+            f"quant.fp_kinds has unknown layer kinds {bad_kinds}; choose from {LAYER_KINDS}"
+        )
     if settings.quantize:
         try:
             _schedule_config(config, settings).validate()
@@ -91,6 +96,7 @@ def _schedule_config(config, settings) -> ScheduleConfig:
         granularity=settings.granularity or s.granularity,
         steps_per_stage=int(s.steps_per_stage),
         final_steps=int(s.final_steps),
+        total_stage_steps=int(s.total_stage_steps),
         train_transform=settings.train_transform and bool(config.quant.train_transform),
         final_train_latent=bool(s.final_train_latent),
     )
@@ -101,7 +107,7 @@ def _quant_config(config, settings) -> qlayers.QuantConfig:
     return qlayers.QuantConfig(
         transform=settings.transform,
         weight_clip=None if q.weight_clip is None or q.weight_clip <= 0 else float(q.weight_clip),
-        act_grad=q.act_grad,
+        act_grad=settings.act_grad or q.act_grad,
         binarize_input=True,
         normalize_c=True,
     )
@@ -117,6 +123,8 @@ def build_model(config, num_classes: int, qcfg: qlayers.QuantConfig, bn_axis_nam
             del kwargs[key]
     if "dtype" in kwargs:
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    if method_settings(config.method).rprelu:
+        kwargs["rprelu"] = True
     return qmodels.create_model(
         config.model.name, num_classes=num_classes, quant=qcfg, bn_axis_name=bn_axis_name, **kwargs
     )
@@ -207,6 +215,7 @@ def _quant_layer_metrics(hstate: TrainState, layers, qcfg, prev_b: dict) -> dict
             get_path(hstate.params, ("quant", *p)),
             get_path(hstate.state, ("calib", *p), {}),
             qcfg,
+            0,
         )
         name = "/".join(p)
         b = np.asarray(b)
@@ -261,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     variables = qmodels.init_variables(model, init_rng, (1, *info.image_shape))
-    qlayer_list = qmodels.quantizable_layers(variables)
+    qlayer_list = binary_layers(config, qmodels.quantizable_layers(variables))
+    run_params = _param_counts(variables, qlayer_list if settings.quantize else [])
     fp_steps = int(config.fp.steps) if config.init == "train_fp" else 0
     controller = None
     if settings.quantize:
@@ -339,10 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if os.path.isdir(teacher_dir):
             teacher = checkpoint.load_variables(teacher_dir, _fp_variables(hstate))
     elif config.init != "train_fp":
-        if interop.is_torch_checkpoint(config.init):  # torchvision-layout weights
-            fp_vars = interop.load_torchvision_file(config.init, model, _fp_variables(hstate))
-        else:
-            fp_vars = checkpoint.load_variables(config.init, _fp_variables(hstate))
+        fp_vars = _load_fp_init(config.init, _fp_variables(hstate), model)
         teacher = fp_vars
         hstate = hstate.replace(
             params={**hstate.params, "params": fp_vars["params"]},
@@ -448,6 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     hstate = _host(parallel.unreplicate(rstate))
     if controller is None:
         hstate = run.reestimate(hstate)
+        # The FP model, for later runs' config.init (the comparison shares it between methods).
+        checkpoint.save_variables(teacher_dir, _fp_variables(hstate))
         fp_acc = run.evaluate(hstate, dcfg)["accuracy"]
         final = fp_acc
     else:
@@ -466,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
     run.add_time("final", time.time() - t_final)
     summary = _summary(config, run, fp_acc, final, stage_acc, qlayer_list, time.time() - t_start)
+    summary.update(run_params)
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -491,6 +501,51 @@ def _fp_variables(hstate: TrainState) -> dict:
     """The FP model's variables (every mode 0) from a host state: the teacher's structure."""
     qstate = jax.tree.map(np.zeros_like, hstate.state["qstate"])
     return {**hstate.params, **hstate.state, "qstate": qstate}
+
+
+def _load_fp_init(path: str, like: dict, model=None) -> dict:
+    """The FP model (``params`` and ``batch_stats``) saved at ``path`` onto this run's variables.
+
+    ``path`` is the ``teacher`` of an earlier run, whatever its method: only the FP model is read
+    (its quantizer variables, if any, are ignored). Variables that exist only in this method's
+    model (ReActNet's RPReLU parameters, active only after binary convs) keep their initial
+    values, so the FP function is unchanged. Missing or misshapen FP variables are an error.
+    """
+    if interop.is_torch_checkpoint(path):  # torchvision-layout weights (qat_jax.interop)
+        try:
+            return interop.load_torchvision_file(path, model, like)
+        except interop.TorchImportError as e:
+            raise ConfigError(str(e)) from None
+    raw = checkpoint.load_variables(path, None)
+    problems = []
+
+    def fill(dst, src, where):
+        out = {}
+        for k, v in dst.items():
+            name = "/".join((*where, k))
+            if not isinstance(src, dict) or k not in src:
+                new = k == "rprelu" or (isinstance(v, dict) and set(v) == {"rprelu"})
+                if not new:  # RPReLU parameters are new in a reactnet model
+                    problems.append(f"missing {name}")
+                out[k] = v
+            elif isinstance(v, dict):
+                out[k] = fill(v, src[k], (*where, k))
+            elif np.shape(src[k]) != np.shape(v):
+                problems.append(f"{name} has shape {np.shape(src[k])}, expected {np.shape(v)}")
+                out[k] = v
+            else:
+                out[k] = np.asarray(src[k], dtype=np.asarray(v).dtype)
+        return out
+
+    out = dict(like)
+    for col in ("params", "batch_stats"):
+        out[col] = fill(like[col], raw.get(col, {}), (col,))
+    if problems:
+        raise ConfigError(
+            f"init checkpoint {path} does not fit this model ({len(problems)} problems: "
+            f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}): check config.model"
+        )
+    return out
 
 
 def _start_qat(run: _Run, hstate, tx_qat, teacher, teacher_dir, dcfg):
@@ -539,6 +594,7 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
             run.qcfg,
             float(cfg.quant.gamma),
             cfg.quant.tau_init,
+            tau_layers=[p for p in c.stages[k].layers if p in c.new_binary_inputs(k)],
         )
     hstate = calibrate.apply_modes(hstate, c.modes(k))
     hstate = run.reestimate(hstate)
@@ -554,6 +610,32 @@ def _modes_after(c: StageController, k: int):
     for p in c.stages[k].completes:
         modes[p] = (qlayers.FROZEN, 1)
     return modes
+
+
+LAYER_KINDS = ("conv", "depthwise", "pointwise", "dense")
+
+
+def binary_layers(config, layers: list) -> list:
+    """The quantizable layers the schedule binarizes: all but the kinds in ``quant.fp_kinds``."""
+    fp_kinds = tuple(config.quant.get("fp_kinds", ()) or ())
+    unknown = [k for k in fp_kinds if k not in LAYER_KINDS]
+    if unknown:
+        raise ConfigError(
+            f"quant.fp_kinds has unknown layer kinds {unknown}; choose from {LAYER_KINDS}"
+        )
+    kept = [q for q in layers if q.kind not in fp_kinds]
+    if not kept:
+        raise ConfigError(f"quant.fp_kinds={fp_kinds} leaves no layer to binarize")
+    return kept
+
+
+def _param_counts(variables, binary_layers) -> dict:
+    """Model parameters (the ``params`` collection) and how many of them are binary weights."""
+    total = sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+    binary = sum(
+        int(np.size(get_path(variables, ("params", *q.path, "kernel")))) for q in binary_layers
+    )
+    return {"params": total, "binary_params": binary, "binary_param_share": binary / total}
 
 
 def _summary(config, run: _Run, fp_acc, final, stage_acc, qlayer_list, seconds) -> dict:

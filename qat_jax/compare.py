@@ -1,0 +1,40 @@
+"""Entry point: ``python -m qat_jax.compare --config=configs/compare_default.py --workdir=DIR``.
+
+Runs the configured methods x seeds (one FP teacher per seed, equal QAT budgets), skipping runs
+already finished in ``DIR``, then writes ``results.csv``, ``results.md``, ``comparison.png`` and
+``stages.png``. All logic lives in :func:`qat_jax.comparison.run_comparison`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qat_jax.hostenv import tune_malloc
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/compare_*.py file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the comparison (one subdir per run).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    tune_malloc()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
+    from qat_jax.comparison import run_comparison
+    from qat_jax.train import ConfigError
+
+    try:
+        run_comparison(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    with open(f"{_WORKDIR.value}/results.md") as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    app.run(main)
