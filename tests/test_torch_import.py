@@ -8,6 +8,7 @@ statistics, in eval mode; our models must give the same logits (1e-4) after the 
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,7 +147,26 @@ def torch_logits(module, x_nhwc):
 
 
 def jax_logits(model, variables, x):
-    return np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
+    # One-off program: skip LLVM's backend optimisation (as init_variables does); same numbers.
+    fn = jax.jit(lambda v, z: model.apply(v, z, train=False)).lower(variables, x)
+    return np.asarray(fn.compile({"xla_backend_optimization_level": 0})(variables, x))
+
+
+def fp_variables(model, input_shape):
+    """Variables of ``model`` in FP mode without running its (slow, 3.5 M-parameter) random init.
+
+    Every collection is zeros of the right shape: ``params``/``batch_stats`` are overwritten by
+    the import, and all-zero modes (``w_mode = a_mode = 0``) are the FP model.
+    """
+    shapes = jax.eval_shape(
+        lambda k: model.init(k, jnp.zeros(input_shape, jnp.float32), train=False),
+        jax.random.PRNGKey(0),
+    )
+    return {
+        col: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
+        for col, tree in shapes.items()
+        if col not in ("calib_stats", "losses")
+    }
 
 
 def _param_count(variables):
@@ -175,7 +195,7 @@ def test_mobilenetv2_imagenet_from_pth_matches_torch(tmp_path, rng):
     path = os.path.join(tmp_path, "mnv2.pth")
     torch.save(tmod.state_dict(), path)
     model = MobileNetV2(num_classes=1000, variant="imagenet", quant=QCFG)
-    variables = init_variables(model, jax.random.PRNGKey(0), (1, 64, 64, 3))
+    variables = fp_variables(model, (1, 64, 64, 3))
     assert _param_count(variables) == 3_504_872  # torchvision's mobilenet_v2
     loaded = interop.load_torchvision_file(path, model, variables)
     x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
@@ -197,7 +217,7 @@ def test_resnet18_from_safetensors_matches_torch(tmp_path, rng):
     path = os.path.join(tmp_path, "r18.safetensors")
     save_file(tmod.state_dict(), path)  # the official writer; read back with our numpy reader
     model = ResNet18(num_classes=1000, quant=QCFG)
-    variables = init_variables(model, jax.random.PRNGKey(0), (1, 64, 64, 3))
+    variables = fp_variables(model, (1, 64, 64, 3))
     assert _param_count(variables) == 11_689_512  # torchvision's resnet18
     loaded = interop.load_torchvision_file(path, model, variables)
     x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
