@@ -80,7 +80,8 @@ def load_run_variables(workdir: str, step: int | None = None) -> RunVariables:
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}: is {workdir} a run's workdir?")
     step = steps[-1] if step is None else int(step)
-    with ocp.CheckpointManager(directory, item_names=("state", "meta")) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)  # never touch a run
+    with ocp.CheckpointManager(directory, options=options, item_names=("state", "meta")) as manager:
         out = manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
