@@ -103,10 +103,13 @@ def _randomize_binary_state(model, variables, rng):
         ).astype(np.float32)
     for path, leaf in jax.tree_util.tree_flatten_with_path(v["params"])[0]:
         keys = [k.key for k in path]
+        node = _node(v["params"], keys[:-1])
         if keys[-1] in ("scale", "bias"):
-            _node(v["params"], keys[:-1])[keys[-1]] = (
-                1 + 0.1 * rng.normal(size=leaf.shape)
-            ).astype(np.float32)
+            node[keys[-1]] = (1 + 0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
+        elif keys[-1] == "slope":  # RPReLU
+            node[keys[-1]] = rng.uniform(0.1, 0.4, leaf.shape).astype(np.float32)
+        elif keys[-1] in ("shift_in", "shift_out"):
+            node[keys[-1]] = (0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
     return v
 
 
@@ -124,6 +127,7 @@ def test_packed_resnet_matches_model_apply(tmp_path, rng):
         stem="imagenet",
         num_classes=10,
         quant=qlayers.QuantConfig(transform=False),
+        rprelu=True,  # ReActNet's RPReLU after the binary convs (the `rprelu` op)
     )
     variables = _randomize_binary_state(
         model, init_variables(model, jax.random.PRNGKey(0), (1, 16, 16, 3)), rng
@@ -134,6 +138,7 @@ def test_packed_resnet_matches_model_apply(tmp_path, rng):
     kinds = [op["op"] for op in packed.header["ops"]]
     # conv1, conv2 and shortcut per block (the 64-channel stem makes block0 need one too).
     assert kinds.count("binary_conv") == 6 and "max_pool" in kinds
+    assert kinds.count("rprelu") == 4  # act1 and act2 of both blocks
     x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
     want = np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
     got = packed(x)

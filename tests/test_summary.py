@@ -120,3 +120,16 @@ def test_cli_on_a_config(capsys, tmp_path):
     assert "binary=all" in text and "head_conv" in text
     d = json.load(open(out))
     assert d["totals"]["params"] == sum(r["params"] for r in d["layers"])
+
+
+def test_other_parametrised_modules_are_fp_rows():
+    """ReActNet's RPReLU (3 float32 per channel) appears as an FP row without MACs."""
+    model = MobileNetV2(**TINY, rprelu=True)
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+    s = summary.model_summary(model, variables, (8, 8, 1), binary="all")
+    rows = {r.name: r for r in s.rows if r.kind == "rprelu"}
+    assert {k: r.params for k, r in rows.items()} == {
+        "block0/depthwise_act/rprelu": 3 * 8,
+        "head_act/rprelu": 3 * 16,
+    }
+    assert s.params == 586 + 72 and s.bops == 16896 and s.flops == 4768
