@@ -52,19 +52,38 @@ def _error(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _unknown_key(argv: list[str]) -> str:
+    """One line naming the first ``--config.<key>`` of ``argv`` that the config file lacks."""
+    from qat_jax.train.config_files import load_config_file
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config.") :].split("=")[0] for a in argv if a.startswith("--config.")]
+    try:
+        node = load_config_file(path) if path else None
+    except Exception:  # noqa: BLE001 - a broken config file: fall back to a generic message
+        node = None
+    for key in overrides:
+        cur, parts = node, key.split(".")
+        for i, part in enumerate(parts):
+            keys = list(cur.keys()) if hasattr(cur, "keys") else []
+            if part not in keys:
+                prefix = "".join(f"{p}." for p in parts[:i])
+                close = [f"{prefix}{k}" for k in keys if k[:3] == part[:3]]
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                return (
+                    f"unknown config key {key!r} (--config.{key}): {hint}check the spelling "
+                    "against the keys of the --config file"
+                )
+            cur = cur[part]
+    return "unknown config key in the --config.<key> overrides: check them against the config file"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with one-line errors for unknown config keys and wrong value types."""
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:  # ml_collections: a --config.<key> that does not exist
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        key = str(e).strip("\"'")
-        hits = [a for a in bad if a.split(".")[-1] == key] or bad
-        _error(
-            f"unknown config key {key!r} ({', '.join(hits)}): check the spelling against "
-            "the keys of the --config file",
-            EXIT_BAD_INPUT,
-        )
+    except (AttributeError, KeyError):  # ml_collections: a --config.<key> that does not exist
+        _error(_unknown_key(argv), EXIT_BAD_INPUT)
     except flags.Error as e:  # e.g. --config.batch_size=abc
         _error(f"{e}: pass a value of the key's type", EXIT_BAD_INPUT)
     return []
