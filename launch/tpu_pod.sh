@@ -38,7 +38,9 @@ while [[ $# -gt 0 ]]; do
     *) echo "tpu_pod.sh: unknown option $1 (flags for qat_jax.main go after --)" >&2; exit 2 ;;
   esac
 done
-for var in tpu zone bucket run_name repo; do
+required=(tpu zone bucket run_name)
+if [[ "$install" -eq 1 ]]; then required+=(repo); fi
+for var in "${required[@]}"; do
   if [[ -z "${!var}" ]]; then
     echo "tpu_pod.sh: --${var/_name/} is required (see --help)" >&2; exit 2
   fi
