@@ -445,6 +445,8 @@ def run(args) -> dict:
 
     log = CompileLog()
     setup = load_setup(args.setup, args.batch_size)
+    if args.dtype:
+        setup.config.model.dtype = args.dtype
     load_before = load_info()
     t0 = time.perf_counter()
     wanted = args.methods.split(",") + ["bitat"]
@@ -485,6 +487,7 @@ def run(args) -> dict:
             "batch_size": setup.batch_size,
             "image_shape": list(setup.image_shape),
             "num_classes": setup.num_classes,
+            "dtype": str(setup.config.model.dtype),
             "num_stages": bench.controllers["bitat"].num_stages,
         },
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -527,6 +530,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setup", default="default", choices=sorted(SETUPS))
     p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument(
+        "--dtype", default=None, help="compute dtype (config.model.dtype), e.g. bfloat16"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant (1st compiles)")
     p.add_argument("--rounds", type=int, default=3)

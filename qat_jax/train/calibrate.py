@@ -170,7 +170,8 @@ def materialize_layers(
     """Compute ``B`` (int8 +-1) and ``alpha`` of ``layers`` and store them in ``binary``."""
     st = dict(hstate.state)
     for p in layers:
-        kernel = jnp.asarray(get_path(hstate.params, ("params", *p, "kernel")))
+        # numpy like the per-layer metrics pass it: a device array would be another cache key.
+        kernel = np.asarray(get_path(hstate.params, ("params", *p, "kernel")))
         b_old = get_path(st, ("binary", *p, "B"))
         groups = b_old.shape[0]
         b, alpha, _ = binary_weights_and_error(
