@@ -13,7 +13,9 @@ from qat_jax.train.methods import method_settings
 from qat_jax.train.trainer import _quant_config, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+ALL = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+COMPARE = [p for p in ALL if os.path.basename(p).startswith("compare_")]
+CONFIGS = [p for p in ALL if p not in COMPARE]
 NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "imagenet2012": 3}
 
@@ -32,3 +34,16 @@ def test_config_loads_locked_and_builds(path):
     x = jax.ShapeDtypeStruct((2, size, size, CHANNELS[c.dataset.name]), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
     assert "params" in shapes and "qstate" in shapes
+
+
+@pytest.mark.parametrize("path", COMPARE, ids=os.path.basename)
+def test_compare_config_is_locked_and_its_base_is_a_training_config(path):
+    c = load_config_file(path)
+    with pytest.raises(AttributeError):
+        c.no_such_key = 1
+    assert c.methods and c.seeds and "fp" in c.methods
+    for m in c.methods:
+        method_settings(m)
+    assert c.base.init == "train_fp"
+    settings = method_settings("bitat")
+    build_model(c.base, NUM_CLASSES[c.base.dataset.name], _quant_config(c.base, settings))
