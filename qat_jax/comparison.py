@@ -10,6 +10,10 @@
    number of stages x ``steps_per_stage``), then ``final_steps``. Same model, data, seed,
    optimizer, loss; only the method differs.
 
+Every run is a child process (``python -m qat_jax.comparison <run_dir>`` on the recorded config):
+a long comparison compiles hundreds of XLA programs, which one process would keep mapped until it
+hits the kernel's map limit (measured: an in-process comparison died with "LLVM ERROR: Unable to
+allocate section memory" in its 13th run), and a crash of one run then stops only that run.
 A run whose ``summary.json`` exists is finished and is not run again, so an interrupted comparison
 resumes (an interrupted run resumes from its own checkpoints). Each run records the config it was
 run with (``compare_run.json``); a finished run whose config differs from what the comparison
@@ -26,6 +30,8 @@ import csv
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -103,9 +109,26 @@ def _record(c: ml_collections.ConfigDict) -> dict:
     return json.loads(c.to_json_best_effort(sort_keys=True))
 
 
-def _run_one(c: ml_collections.ConfigDict, run_dir: str, log) -> dict:
+def run_recorded(run_dir: str) -> dict:
+    """Run (or resume) the run recorded in ``<run_dir>/compare_run.json`` in this process."""
     from qat_jax.train import train_and_evaluate
 
+    with open(os.path.join(run_dir, "compare_run.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    return train_and_evaluate(config, run_dir)
+
+
+def _launch(run_dir: str) -> None:
+    """Run ``run_dir``'s recorded config in a child process (same interpreter and environment)."""
+    proc = subprocess.run([sys.executable, "-m", "qat_jax.comparison", run_dir], check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"the run in {run_dir} failed (exit {proc.returncode}; its output is above); rerun "
+            "the comparison to resume it from its last checkpoint"
+        )
+
+
+def _run_one(c: ml_collections.ConfigDict, run_dir: str, log) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     rec_path = os.path.join(run_dir, "compare_run.json")
     summary_path = os.path.join(run_dir, "summary.json")
@@ -127,9 +150,11 @@ def _run_one(c: ml_collections.ConfigDict, run_dir: str, log) -> dict:
         log(f"  finished before: {run_dir}")
     else:
         t0 = time.time()
-        summary = train_and_evaluate(c, run_dir)
-        if "halted_at" in summary:
-            raise RuntimeError(f"{run_dir} halted at step {summary['halted_at']} (halt_after_step)")
+        _launch(run_dir)
+        if not os.path.exists(summary_path):
+            raise RuntimeError(
+                f"{run_dir} stopped before the end (halt_after_step?); rerun to resume"
+            )
         log(f"  ran {run_dir} in {time.time() - t0:.0f}s")
     with open(summary_path) as f:
         return json.load(f)
@@ -286,3 +311,16 @@ def _plot_stages(path: str, rows: Sequence[dict], methods: Sequence[str]) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # the child process of one run: ``python -m qat_jax.comparison DIR``
+    import logging as _logging
+
+    from absl import logging as absl_logging
+
+    from qat_jax.hostenv import tune_malloc
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    _logging.getLogger("absl").setLevel(_logging.WARNING)
+    tune_malloc()
+    run_recorded(sys.argv[1])

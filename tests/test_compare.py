@@ -8,7 +8,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-import qat_jax.train
 from qat_jax import comparison
 from qat_jax.data import prepare
 from qat_jax.train.config_files import load_config_file
@@ -112,7 +111,7 @@ def test_runner_writes_results_and_resumes_without_rerunning(tmp_path, monkeypat
     def fail(*a, **k):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(qat_jax.train, "train_and_evaluate", fail)
+    monkeypatch.setattr(comparison, "_launch", fail)
     before = (work / "results.csv").read_text()
     comparison.run_comparison(c, str(work), log=lambda *_: None)
     assert (work / "results.csv").read_text() == before
