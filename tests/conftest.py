@@ -32,3 +32,16 @@ def rng():
 def key():
     """A fixed jax PRNG key."""
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    XLA:CPU maps ~3 memory regions per compiled program (measured: 300 small jits took a process
+    from 446 to 1,410 maps; ``jax.clear_caches()`` brought it back to 528). The whole suite in one
+    process compiles enough programs to reach the kernel's default ``vm.max_map_count`` (65,530),
+    where LLVM fails with "Unable to allocate section memory" or segfaults mid-suite.
+    """
+    yield
+    jax.clear_caches()
