@@ -300,13 +300,14 @@ def _plot_stages(path: str, rows: Sequence[dict], methods: Sequence[str]) -> Non
         n = min(len(r["stage_accuracy"]) for r in rs)
         acc = 100 * np.mean([r["stage_accuracy"][:n] for r in rs], axis=0)
         ax.plot(np.arange(1, n + 1), acc, marker="o", label=m)
-        labels = rs[0]["stage_labels"][:n]
+        labels = [lab.split(" [")[0].replace("stage ", "") for lab in rs[0]["stage_labels"][:n]]
     if labels:
         ax.set_xticks(np.arange(1, len(labels) + 1))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xlabel("after stage (blocks bottom to top), then the final phase")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("test accuracy after each stage (mean over seeds)")
-    ax.legend()
+    ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
