@@ -132,20 +132,19 @@ def _run_one(c: ml_collections.ConfigDict, run_dir: str, log) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     rec_path = os.path.join(run_dir, "compare_run.json")
     summary_path = os.path.join(run_dir, "summary.json")
+    record = _record(c)
     if os.path.exists(rec_path):
         with open(rec_path) as f:
             before = json.load(f)
-        if before != _record(c):
-            diff = sorted(
-                k for k in set(before) | set(_record(c)) if before.get(k) != _record(c).get(k)
-            )
+        if before != record:
+            diff = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
             raise ValueError(
                 f"{run_dir} was run with a different config (keys {diff}): use a new --workdir "
                 "or delete that run directory"
             )
     else:
         with open(rec_path, "w") as f:
-            json.dump(_record(c), f, indent=1)
+            json.dump(record, f, indent=1)
     if os.path.exists(summary_path):
         log(f"  finished before: {run_dir}")
     else:

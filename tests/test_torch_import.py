@@ -169,6 +169,18 @@ def fp_variables(model, input_shape):
     }
 
 
+def tiny_mobilenetv2():
+    """Our side of the tiny torchvision-layout MobileNetV2 the writer/error tests use."""
+    return MobileNetV2(
+        num_classes=10,
+        variant="cifar",
+        width_mult=0.25,
+        last_channel=16,
+        inverted_residual_setting=((1, 8, 1, 1), (2, 8, 1, 2)),
+        quant=QCFG,
+    )
+
+
 def _param_count(variables):
     return sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
 
@@ -232,14 +244,7 @@ def test_our_safetensors_writer_is_read_by_torch(tmp_path):
     tmod = TorchMobileNetV2(
         10, ((1, 8, 1, 1), (2, 8, 1, 2)), width=0.25, last_channel=16, stem_stride=1, cin=1
     )
-    model = MobileNetV2(
-        num_classes=10,
-        variant="cifar",
-        width_mult=0.25,
-        last_channel=16,
-        inverted_residual_setting=((1, 8, 1, 1), (2, 8, 1, 2)),
-        quant=QCFG,
-    )
+    model = tiny_mobilenetv2()
     variables = init_variables(model, jax.random.PRNGKey(3), (1, 8, 8, 1))
     path = os.path.join(tmp_path, "ours.safetensors")
     interop.save_torchvision_safetensors(path, model, variables)
@@ -253,14 +258,7 @@ def test_our_safetensors_writer_is_read_by_torch(tmp_path):
 
 
 def test_mismatched_state_dict_lists_every_bad_key():
-    model = MobileNetV2(
-        num_classes=10,
-        variant="cifar",
-        width_mult=0.25,
-        last_channel=16,
-        inverted_residual_setting=((1, 8, 1, 1), (2, 8, 1, 2)),
-        quant=QCFG,
-    )
+    model = tiny_mobilenetv2()
     variables = init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
     sd = interop.to_torchvision_state_dict(model, variables)
     del sd["features.2.conv.1.1.running_var"]

@@ -74,11 +74,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             "model (e.g. <workdir>/teacher of an earlier run), a torchvision-layout .pth/"
             ".safetensors file, or --config.init=train_fp"
         )
-    bad_kinds = [k for k in tuple(config.quant.get("fp_kinds", ()) or ()) if k not in LAYER_KINDS]
-    if bad_kinds:
-        raise ConfigError(
-            f"quant.fp_kinds has unknown layer kinds {bad_kinds}; choose from {LAYER_KINDS}"
-        )
+    _fp_kinds(config)
     if settings.quantize:
         try:
             _schedule_config(config, settings).validate()
@@ -615,14 +611,20 @@ def _modes_after(c: StageController, k: int):
 LAYER_KINDS = ("conv", "depthwise", "pointwise", "dense")
 
 
-def binary_layers(config, layers: list) -> list:
-    """The quantizable layers the schedule binarizes: all but the kinds in ``quant.fp_kinds``."""
+def _fp_kinds(config) -> tuple[str, ...]:
+    """``quant.fp_kinds``, checked against :data:`LAYER_KINDS`."""
     fp_kinds = tuple(config.quant.get("fp_kinds", ()) or ())
     unknown = [k for k in fp_kinds if k not in LAYER_KINDS]
     if unknown:
         raise ConfigError(
             f"quant.fp_kinds has unknown layer kinds {unknown}; choose from {LAYER_KINDS}"
         )
+    return fp_kinds
+
+
+def binary_layers(config, layers: list) -> list:
+    """The quantizable layers the schedule binarizes: all but the kinds in ``quant.fp_kinds``."""
+    fp_kinds = _fp_kinds(config)
     kept = [q for q in layers if q.kind not in fp_kinds]
     if not kept:
         raise ConfigError(f"quant.fp_kinds={fp_kinds} leaves no layer to binarize")
