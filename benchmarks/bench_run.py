@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qat_jax.hostenv import tune_malloc  # noqa: E402
+from qat_jax.hostenv import tune_host  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.config = "configs/tiny.py"
-    tune_malloc()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
+    tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
     with contextlib.redirect_stdout(sys.stderr):
         result = run(args.config, args.overrides, args.workdir)
     print(format_table(result))

@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qat_jax.hostenv import tune_malloc  # noqa: E402
+from qat_jax.hostenv import tune_host  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -546,7 +546,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.setup, args.steps, args.warmup, args.rounds = "tiny", 1, 1, 1
         args.eval_examples = 16
-    tune_malloc()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
+    tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
     result = run(args)
     print(format_table(result))
     if args.json:

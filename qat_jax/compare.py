@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qat_jax.hostenv import tune_malloc
+from qat_jax.hostenv import tune_host
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/compare_*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the comparison (one subdir per run).")
@@ -23,7 +23,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    tune_malloc()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
+    tune_host()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
     from qat_jax.comparison import run_comparison
     from qat_jax.train import ConfigError
 

@@ -318,9 +318,9 @@ if __name__ == "__main__":  # the child process of one run: ``python -m qat_jax.
 
     from absl import logging as absl_logging
 
-    from qat_jax.hostenv import tune_malloc
+    from qat_jax.hostenv import tune_host
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     _logging.getLogger("absl").setLevel(_logging.WARNING)
-    tune_malloc()
+    tune_host()
     run_recorded(sys.argv[1])

@@ -7,6 +7,13 @@ as much time in the kernel (0.20 s) as in user code (0.20 s), with ~117k minor p
 One malloc arena and no mmap/trim thresholds keep that memory in the process: 0.13 s a step, 7.8k
 faults (``benchmarks/bench_step.py`` prints both). Accelerators are unaffected (their buffers live
 on the device).
+
+XLA:CPU runs LAPACK custom calls (the Cayley transform's LU solves, ``eigh``) through scipy's
+OpenBLAS, which starts its own thread per core. Those threads spin against XLA's intra-op pool:
+measured on the same 2-core CPU, one 48x48 triangular solve inside the default model's train step
+took 7.6 ms and the ops running beside it slowed down too, so a stage with a trainable transform
+cost 1.24x the ``xnor`` step; with OpenBLAS at one thread it costs 0.99x
+(``benchmarks/bench_step.py``). :func:`limit_blas_threads` sets that, :func:`tune_host` does both.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_malloc"]
+__all__ = ["tune_host", "tune_malloc", "limit_blas_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -43,3 +50,31 @@ def tune_malloc() -> bool:
         and mallopt(_M_MMAP_THRESHOLD, _MAX)
         and mallopt(_M_TRIM_THRESHOLD, _MAX)
     )
+
+
+def limit_blas_threads(threads: int = 1) -> int:
+    """Limit the BLAS/LAPACK libraries XLA:CPU and numpy call to ``threads`` threads each.
+
+    Loads scipy's LAPACK first (jaxlib's CPU LAPACK kernels call it, and it is otherwise loaded
+    lazily at the first linear solve), then sets every loaded BLAS's thread count with
+    ``threadpoolctl``. Returns how many BLAS libraries are loaded (all of them limited).
+    """
+    try:
+        import scipy.linalg.cython_lapack  # noqa: F401  (jaxlib's LAPACK provider)
+    except ImportError:
+        pass
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threadpool_limits(limits=int(threads), user_api="blas")
+    return sum(1 for lib in threadpool_info() if lib.get("user_api") == "blas")
+
+
+def tune_host() -> dict:
+    """Both tunings of this module; the entry points call it first thing.
+
+    ``tune_malloc`` must run before the JAX backend starts its threads, so this touches no JAX
+    backend (``jax.distributed.initialize`` may still follow). The BLAS limit is applied on every
+    backend: on GPU/TPU the step's linear algebra runs on the device, and the host's own (PCA of a
+    calibrated layer in numpy) is small.
+    """
+    return {"malloc": tune_malloc(), "blas_libraries": limit_blas_threads(1)}

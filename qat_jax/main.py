@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qat_jax.hostenv import tune_malloc
+from qat_jax.hostenv import tune_host
 from qat_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
@@ -93,7 +93,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    tune_malloc()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
+    tune_host()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
     try:
         plan = distributed.resolve(
             _DIST.value,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Transform math runs at full float32 precision on every backend (TPU's default matmul precision is
@@ -66,8 +67,17 @@ def _add_identity(m: jax.Array) -> jax.Array:
     return m.at[..., idx, idx].add(jnp.asarray(1, m.dtype))
 
 
+def _xp(x):
+    """``numpy`` for a numpy input (runs on the host, compiles nothing), else ``jax.numpy``."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
 def pca_init(second_moment: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
     """Eigen-decomposition of an accumulated second moment, safe for rank-deficient inputs.
+
+    A numpy input is decomposed by numpy on the host in its own dtype (the trainer's calibration
+    passes float64: no XLA program per layer shape, see ``docs/performance.md``); a jax input by
+    ``jnp.linalg.eigh`` (jittable).
 
     Args:
       second_moment: ``[..., d, d]``, symmetric positive semi-definite up to rounding.
@@ -78,12 +88,13 @@ def pca_init(second_moment: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, ja
       ``(V0, lam)``: ``V0`` ``[..., d, d]`` orthonormal, columns are eigenvectors sorted by
       eigenvalue descending; ``lam`` ``[..., d]`` non-negative, descending.
     """
-    sym = 0.5 * (second_moment + jnp.swapaxes(second_moment, -1, -2))
-    lam, vecs = jnp.linalg.eigh(sym)  # ascending
+    xp = _xp(second_moment)
+    sym = 0.5 * (second_moment + xp.swapaxes(second_moment, -1, -2))
+    lam, vecs = xp.linalg.eigh(sym)  # ascending
     lam = lam[..., ::-1]
     vecs = vecs[..., ::-1]
-    top = jnp.max(lam, axis=-1, keepdims=True)
-    lam = jnp.maximum(lam, eps * jnp.maximum(top, 0.0))
+    top = xp.max(lam, axis=-1, keepdims=True)
+    lam = xp.maximum(lam, eps * xp.maximum(top, 0.0))
     return vecs, lam
 
 
@@ -91,13 +102,15 @@ def init_rho(lam: jax.Array, gamma: float, floor: float = 1e-6) -> jax.Array:
     """Importance log-scales ``rho`` with ``s^2 = exp(2 rho) ~ lam^gamma`` (mean-normalised).
 
     ``gamma = 0`` gives ``s = 1`` (plain sign of ``W`` when ``V = I``); ``gamma = 1`` gives
-    ``C = Sigma`` up to scale. Eigenvalues below ``floor * mean(lam)`` are floored.
+    ``C = Sigma`` up to scale. Eigenvalues below ``floor * mean(lam)`` are floored. Like
+    :func:`pca_init`, a numpy input is computed by numpy.
     """
-    mean = jnp.mean(lam, axis=-1, keepdims=True)
-    safe_mean = jnp.where(mean > 0, mean, 1.0)
-    ratio = jnp.maximum(lam / safe_mean, floor)
-    rho = 0.5 * gamma * jnp.log(ratio)
-    return jnp.where(mean > 0, rho, 0.0)
+    xp = _xp(lam)
+    mean = xp.mean(lam, axis=-1, keepdims=True)
+    safe_mean = xp.where(mean > 0, mean, 1.0)
+    ratio = xp.maximum(lam / safe_mean, floor)
+    rho = 0.5 * gamma * xp.log(ratio)
+    return xp.where(mean > 0, rho, 0.0)
 
 
 def importance(rho: jax.Array) -> jax.Array:

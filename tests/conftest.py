@@ -15,9 +15,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from qat_jax.hostenv import tune_malloc  # noqa: E402
+from qat_jax.hostenv import tune_host  # noqa: E402
 
-tune_malloc()  # XLA:CPU steps page-fault far less (qat_jax/hostenv.py); before the backend starts
+tune_host()  # XLA:CPU steps page-fault far less (qat_jax/hostenv.py); before the backend starts
 
 N_DEVICES = 8
 

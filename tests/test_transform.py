@@ -205,10 +205,23 @@ def _low_rank_moment(rng, n, d, rank, batch=()):
     return (np.swapaxes(x, -1, -2) @ x / n).astype(np.float32)
 
 
-def test_pca_init_rank_deficient(rng):
+def _pca_host(sigma):
+    """The trainer's calibration path: numpy float64 on the host (no XLA program)."""
+    v0, lam = pca_init(np.asarray(sigma, np.float64))
+    assert isinstance(v0, np.ndarray) and v0.dtype == np.float64 and lam.dtype == np.float64
+    return v0, lam
+
+
+PCA_PATHS = pytest.mark.parametrize(
+    "pca", [lambda s: pca_init_j(jnp.asarray(s)), _pca_host], ids=["jit", "numpy"]
+)
+
+
+@PCA_PATHS
+def test_pca_init_rank_deficient(rng, pca):
     d, rank = 12, 3
     sigma = _low_rank_moment(rng, 200, d, rank)
-    v0, lam = pca_init_j(jnp.asarray(sigma))
+    v0, lam = pca(sigma)
     v0, lam = np.asarray(v0), np.asarray(lam)
     assert v0.shape == (d, d) and lam.shape == (d,)
     assert np.all(np.isfinite(v0)) and np.all(np.isfinite(lam))
@@ -224,13 +237,14 @@ def test_pca_init_rank_deficient(rng):
     np.testing.assert_allclose((v0 * lam) @ v0.T, sigma, atol=1e-4 * lam[0])
 
 
-def test_pca_init_zero_and_batched(rng):
-    v0, lam = pca_init_j(jnp.zeros((2, 5, 5), jnp.float32))
+@PCA_PATHS
+def test_pca_init_zero_and_batched(rng, pca):
+    v0, lam = pca(np.zeros((2, 5, 5), np.float32))
     assert np.all(np.isfinite(np.asarray(v0))) and np.all(np.asarray(lam) == 0)
     assert _orth_err(v0) < 1e-6
     # batched: one decomposition per leading entry, rank 1 (binary input style)
     sigma = _low_rank_moment(rng, 50, 9, 1, (4,))
-    v0, lam = pca_init_j(jnp.asarray(sigma))
+    v0, lam = pca(sigma)
     v0, lam = np.asarray(v0), np.asarray(lam)
     assert v0.shape == (4, 9, 9) and lam.shape == (4, 9)
     assert _orth_err(v0) < 1e-5
@@ -240,10 +254,11 @@ def test_pca_init_zero_and_batched(rng):
         np.testing.assert_allclose((v0[i] * lam[i]) @ v0[i].T, sigma[i], atol=1e-4 * lam[i, 0])
 
 
-def test_pca_init_negative_rounding_clamped():
+@PCA_PATHS
+def test_pca_init_negative_rounding_clamped(pca):
     # a PSD matrix with a slightly negative eigenvalue from rounding
     sigma = np.diag([4.0, 1.0, -1e-7]).astype(np.float32)
-    _, lam = pca_init_j(jnp.asarray(sigma))
+    _, lam = pca(sigma)
     lam = np.asarray(lam)
     np.testing.assert_allclose(lam[:2], [4.0, 1.0], rtol=1e-6)
     assert 0 <= lam[2] <= 1e-5
@@ -303,6 +318,20 @@ def test_init_rho_tempered(rng):
     v = np.asarray(v0, np.float64)
     ref = (v * (lam64**gamma / np.mean(lam64**gamma))) @ v.T
     np.testing.assert_allclose(c, ref, atol=1e-5)
+
+
+def test_init_rho_numpy_matches_jit(rng):
+    # the host path (numpy float64) computes the same importances as the jitted one
+    lam = np.abs(rng.standard_normal((3, 7))) ** 3
+    lam[1, 4:] = 0.0  # rank deficient
+    lam[2] = 0.0  # all zero: rho = 0
+    for gamma in (0.0, 0.5, 1.0):
+        host = init_rho(lam.astype(np.float64), gamma)
+        assert isinstance(host, np.ndarray)
+        np.testing.assert_allclose(
+            host, np.asarray(init_rho_j(jnp.asarray(lam, jnp.float32), gamma)), rtol=1e-5, atol=1e-5
+        )
+    assert np.all(init_rho(lam, 1.0)[2] == 0.0)
 
 
 def test_init_rho_zero_eigenvalues_finite():

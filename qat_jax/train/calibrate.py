@@ -113,7 +113,7 @@ def calibrate_layers(
     for p in layers:
         s = get_path(stats, p)
         sigma = s["xxT"] / np.maximum(s["n_patches"], 1.0)
-        v0, lam, rho = _pca_and_importance(jnp.asarray(sigma, jnp.float32), gamma)
+        v0, lam, rho = _pca_and_importance(np.asarray(sigma, np.float64), gamma)
         st = set_path(st, ("calib", *p, "V0"), np.asarray(v0, np.float32))
         st = set_path(st, ("calib", *p, "lam"), np.asarray(lam, np.float32))
         params = set_path(params, ("quant", *p, "rho"), np.asarray(rho, np.float32))
@@ -123,10 +123,15 @@ def calibrate_layers(
     return hstate.replace(params=params, state=st)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _pca_and_importance(sigma, gamma):
+def _pca_and_importance(sigma: np.ndarray, gamma: float):
+    """PCA and importance init on the host, in float64.
+
+    numpy, not a jitted program: a jitted eigh compiled once per new layer shape, and those
+    compiles were most of a stage boundary's cost (``benchmarks/bench_run.py``); LAPACK's float64
+    ``eigh`` of the largest default-model ``Sigma`` takes milliseconds.
+    """
     v0, lam = transform.pca_init(sigma)
-    return v0, lam, transform.init_rho(lam, gamma)
+    return v0, lam, transform.init_rho(lam, float(gamma))
 
 
 def _binary_weights_and_error(kernel, groups, quant_vars, calib_vars, qcfg, refine_sweeps):
