@@ -18,6 +18,7 @@ Usage::
     python benchmarks/bench_run.py --json=runs/bench/run_default.json     # ~5 min on 2 cores
     python benchmarks/bench_run.py --quick                                # configs/tiny.py
     python benchmarks/bench_run.py --config=configs/default.py -- --config.method=xnor
+    python benchmarks/bench_run.py --compilation_cache_dir=/tmp/xla   # twice: cold, then warm
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ class Profiler:
         self.stack: list[str] = []
         self.unattributed: dict[str, dict] = {}
         self.compiles: list[dict] = []
+        self.cache_hits = 0
         jax.monitoring.register_event_time_span_listener(self._listen)
+        jax.monitoring.register_event_listener(self._count_hits)
+
+    def _count_hits(self, event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
 
     def _listen(self, event, start, end, **kwargs):
         if event != "/jax/core/compile/backend_compile_duration":
@@ -58,6 +65,7 @@ class Profiler:
         rec = {"function": name, "seconds": round(end - start, 3), "part": None}
         if self.stack:
             rec["part"] = self.stack[-1]
+            rec["within"] = " > ".join(self.stack)
             p = self.parts[self.stack[-1]]
             p["compiles"] += 1
             p["compile_s"] += end - start
@@ -158,6 +166,8 @@ def run(config_path: str, overrides: list[str], workdir: str | None) -> dict:
         "summary_wall_seconds": round(total, 2),
         "timing_seconds": timing,
         "transitions_share": round(timing.get("transitions", 0.0) / total, 4),
+        # every checkpoint write (periodic, one per stage boundary, the last): billed on their own
+        "checkpoints_share": round(timing.get("checkpoints", 0.0) / total, 4),
         "num_stages": summary["num_stages"],
         "fp_accuracy": summary["fp_accuracy"],
         "final_accuracy": summary["final_accuracy"],
@@ -170,6 +180,9 @@ def run(config_path: str, overrides: list[str], workdir: str | None) -> dict:
             for k, v in sorted(prof.unattributed.items(), key=lambda kv: -kv[1]["compile_s"])
         },
         "total_compiles": len(prof.compiles),
+        "persistent_cache_hits": prof.cache_hits,
+        # every compile of 0.1 s or more, in order, with the parts it happened in
+        "compile_log": [c for c in prof.compiles if c["seconds"] >= 0.1],
         "total_compile_s": round(sum(c["seconds"] for c in prof.compiles), 2),
     }
     return result
@@ -182,8 +195,11 @@ def format_table(r: dict) -> str:
         f"{r['loadavg_before']} -> {r['loadavg_after']} ==",
         f"wall {r['summary_wall_seconds']:.1f}s: "
         + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
-        + f"; transitions / total = {100 * r['transitions_share']:.1f}% (target <= 5%)",
-        f"compiles: {r['total_compiles']} taking {r['total_compile_s']:.1f}s",
+        + f"; transitions / total = {100 * r['transitions_share']:.1f}% (target <= 5%), "
+        f"checkpoint writes / total = {100 * r['checkpoints_share']:.1f}%",
+        f"compiles: {r['total_compiles']} taking {r['total_compile_s']:.1f}s; programs loaded from "
+        f"the persistent cache: {r['persistent_cache_hits']} "
+        f"({r.get('compilation_cache_dir') or 'cache off'})",
         f"{'part':<44}{'calls':>6}{'seconds':>9}{'compiles':>9}{'compile s':>10}",
     ]
     for k, v in r["parts"].items():
@@ -202,13 +218,25 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", default=None, help="default: a temporary directory, removed")
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="configs/tiny.py (seconds)")
+    p.add_argument(
+        "--compilation_cache_dir",
+        default="none",
+        help="JAX's persistent compilation cache as qat_jax.main uses it (default: off, a cold "
+        "run; run twice with the same DIR for a warm one)",
+    )
     p.add_argument("overrides", nargs="*", help="--config.key=value pairs (after --)")
     args = p.parse_args(argv)
     if args.quick:
         args.config = "configs/tiny.py"
     tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
+    from qat_jax.train import compilation_cache
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") and args.compilation_cache_dir == "none":
+        raise SystemExit("JAX_COMPILATION_CACHE_DIR is set: unset it for a cold run")
+    cache = compilation_cache.enable(args.compilation_cache_dir)
     with contextlib.redirect_stdout(sys.stderr):
         result = run(args.config, args.overrides, args.workdir)
+    result["compilation_cache_dir"] = cache
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

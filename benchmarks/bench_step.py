@@ -542,12 +542,21 @@ def main(argv=None) -> dict:
     p.add_argument("--eval_examples", type=int, default=500)
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--quick", action="store_true", help="tiny setup, 1 step, 1 round")
+    p.add_argument(
+        "--compilation_cache_dir",
+        default="none",
+        help="JAX's persistent compilation cache (default off: every program compiled here)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.setup, args.steps, args.warmup, args.rounds = "tiny", 1, 1, 1
         args.eval_examples = 16
     tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
+    from qat_jax.train import compilation_cache
+
+    cache = compilation_cache.enable(args.compilation_cache_dir)
     result = run(args)
+    result["compilation_cache_dir"] = cache
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -13,9 +13,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qat_jax.hostenv import tune_host
+from qat_jax.train import compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/compare_*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the comparison (one subdir per run).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    compilation_cache.default_dir(),
+    "JAX's persistent compilation cache, shared by every run of the comparison ('' or 'none': off).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +30,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     tune_host()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
+    try:
+        compilation_cache.enable(_CACHE.value)  # the runs' child processes inherit it
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     from qat_jax.comparison import run_comparison
     from qat_jax.train import ConfigError
 

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qat_jax.hostenv import tune_host
-from qat_jax.train import distributed
+from qat_jax.train import compilation_cache, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.")
@@ -41,6 +41,12 @@ _TIMEOUT = flags.DEFINE_integer(
 )
 _HEARTBEAT = flags.DEFINE_integer(
     "distributed_heartbeat", 100, "Seconds without a peer's heartbeat before the job stops."
+)
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    compilation_cache.default_dir(),
+    "JAX's persistent compilation cache: later runs of the same model load its compiled programs "
+    "from here instead of compiling them ('' or 'none': off).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -94,6 +100,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     tune_host()  # before the XLA:CPU backend starts (see qat_jax/hostenv.py)
+    try:
+        compilation_cache.enable(_CACHE.value)
+    except ValueError as e:
+        _error(
+            f"{e}: pass --compilation_cache_dir=DIR or --compilation_cache_dir=none", EXIT_BAD_INPUT
+        )
     try:
         plan = distributed.resolve(
             _DIST.value,

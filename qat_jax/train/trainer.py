@@ -160,8 +160,10 @@ class _Run:
     bn_fn: Any
     bn_momentum: float = 0.9
     # Wall seconds by part of the run (this process, this session): startup (data, model, compiles
-    # of the helpers), fp_train, qat_train (incl. the first compile of each step), transitions
-    # (stage boundaries incl. their evaluations), final (final evaluation and checkpoint).
+    # of the helpers), fp_train, qat_start (the FP model's evaluation and the teacher's save),
+    # qat_train (incl. the first compile of each step), transitions (stage boundaries incl. their
+    # evaluations), final (the final evaluation) and checkpoints (every checkpoint write: periodic,
+    # at each stage boundary and the last one).
     timing: dict = dataclasses.field(default_factory=dict)
 
     def add_time(self, key: str, seconds: float) -> None:
@@ -398,7 +400,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             hstate = _enter_stage(run, hstate, k, stage_acc, eval_stage_cfg, time.time() - stage_t0)
             stage_t0 = time.time()
             _check_finite(acc_metrics, step, ckpt.directory)  # never checkpoint after a bad step
+            run.add_time("transitions", time.time() - t_iter)
+            t_iter = time.time()
             ckpt.save(step, hstate, meta(step))
+            run.add_time("checkpoints", time.time() - t_iter)
+            t_iter = time.time()
             rstate = parallel.replicate(hstate)
             run.add_time("transitions", time.time() - t_iter)
             t_iter = time.time()
@@ -439,7 +445,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         halt = int(config.halt_after_step) > 0 and step == int(config.halt_after_step)
         if (step % config.checkpoint_every == 0 or halt) and step < total_steps:
             _check_finite(acc_metrics, step, ckpt.directory)
+            t_ckpt = time.time()
             ckpt.save(step, _host(parallel.unreplicate(rstate)), meta(step))
+            run.add_time("checkpoints", time.time() - t_ckpt)
         if halt and step < total_steps:
             reporter.info(f"halted after step {step} (halt_after_step); rerun to resume")
             ckpt.close()
@@ -467,9 +475,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         hstate = run.reestimate(hstate)
         final = run.evaluate(hstate, dcfg)["accuracy"]
         stage_acc.append({"label": "final", "accuracy": final})
+    run.add_time("final", time.time() - t_final)
+    t_ckpt = time.time()
     ckpt.save(step, hstate, meta(step))
     ckpt.close()
-    run.add_time("final", time.time() - t_final)
+    run.add_time("checkpoints", time.time() - t_ckpt)
     summary = _summary(config, run, fp_acc, final, stage_acc, qlayer_list, time.time() - t_start)
     summary.update(run_params)
     if is_main:
