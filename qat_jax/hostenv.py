@@ -11,9 +11,9 @@ on the device).
 XLA:CPU runs LAPACK custom calls (the Cayley transform's LU solves, ``eigh``) through scipy's
 OpenBLAS, which starts its own thread per core. Those threads spin against XLA's intra-op pool:
 measured on the same 2-core CPU, one 48x48 triangular solve inside the default model's train step
-took 7.6 ms and the ops running beside it slowed down too, so a stage with a trainable transform
-cost 1.24x the ``xnor`` step; with OpenBLAS at one thread it costs 0.99x
-(``benchmarks/bench_step.py``). :func:`limit_blas_threads` sets that, :func:`tune_host` does both.
+took 7.6 ms and the ops running beside it slowed down too, so the stages with a trainable transform
+cost 1.29-1.44x the ``xnor`` step; with OpenBLAS at one thread, 1.00-1.07x
+(``benchmarks/bench_step.py --setup=default``; ``docs/performance.md``). :func:`limit_blas_threads` sets that, :func:`tune_host` does both.
 """
 
 from __future__ import annotations

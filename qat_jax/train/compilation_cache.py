@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache for the entry points (``--compilation_cache_dir``).
 
 A run compiles the same few programs every time (the FP and QAT train steps, evaluation,
-calibration, BN re-estimation): on the default model they take about 80 s of XLA time on a 2-core
-CPU, minutes for MobileNetV2 at width 1.0 and on TPU pods. With the cache, every later run of the
+calibration, BN re-estimation): on the default model they took 90-100 s of XLA time on a 2-core
+CPU, over 6 minutes for MobileNetV2 at width 1.0. With the cache, every later run of the
 same model, batch shape and device count (another seed, another method of a comparison, a
 restarted job) loads them from disk instead (``benchmarks/bench_run.py --compilation_cache_dir``
 measures both; ``docs/performance.md``).
@@ -32,13 +32,13 @@ def default_dir() -> str:
 def enable(path: str | None, min_compile_seconds: float | None = None) -> str | None:
     """Cache every program that took at least ``min_compile_seconds`` to compile under ``path``.
 
-    ``min_compile_seconds`` ``None``: JAX's setting (1 s unless
+    ``path`` ``None``, ``''`` or ``'none'`` leaves the cache off. Call it before the first compile.
+    Child processes inherit the directory (``JAX_COMPILATION_CACHE_DIR``).
+    ``min_compile_seconds`` ``None`` keeps JAX's setting (1 s unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise).
 
-    ``path`` ``None``, ``''`` or ``'none'`` leaves the cache off. Call it before the first compile.
-    Child processes inherit the directory (``JAX_COMPILATION_CACHE_DIR``). Returns the absolute
-    directory used, or ``None``. Raises ``ValueError`` when ``path`` exists and is not a writable directory
-    (before any compute, so nothing is lost).
+    Returns the absolute directory used, or ``None``. Raises ``ValueError`` when ``path`` cannot be
+    created or written (before any compute, so nothing is lost).
     """
     if path is None or path.strip().lower() in ("", "none"):
         return None
