@@ -555,6 +555,10 @@ def main(argv=None) -> dict:
     from qat_jax.train import compilation_cache
 
     cache = compilation_cache.enable(args.compilation_cache_dir)
+    if cache is None:  # a cold measurement even when JAX_COMPILATION_CACHE_DIR is set
+        import jax
+
+        jax.config.update("jax_enable_compilation_cache", False)
     result = run(args)
     result["compilation_cache_dir"] = cache
     print(format_table(result))
