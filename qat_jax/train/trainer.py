@@ -366,6 +366,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "step": int(step_now),
         }
 
+    def save(step_now, host_state):
+        """Write a checkpoint of ``host_state``; its time is billed to ``checkpoints``."""
+        t_ckpt = time.time()
+        ckpt.save(step_now, host_state, meta(step_now))
+        run.add_time("checkpoints", time.time() - t_ckpt)
+
     eval_stage_cfg = _limited(dcfg, int(config.stage_eval_examples))
     step = int(hstate.step)
     rstate = parallel.replicate(hstate)
@@ -400,13 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             hstate = _enter_stage(run, hstate, k, stage_acc, eval_stage_cfg, time.time() - stage_t0)
             stage_t0 = time.time()
             _check_finite(acc_metrics, step, ckpt.directory)  # never checkpoint after a bad step
-            run.add_time("transitions", time.time() - t_iter)
-            t_iter = time.time()
-            ckpt.save(step, hstate, meta(step))
-            run.add_time("checkpoints", time.time() - t_iter)
-            t_iter = time.time()
             rstate = parallel.replicate(hstate)
             run.add_time("transitions", time.time() - t_iter)
+            save(step, hstate)
             t_iter = time.time()
         batch = parallel.shard(next(train_iter))
         in_fp = k == FP_PHASE
@@ -445,9 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         halt = int(config.halt_after_step) > 0 and step == int(config.halt_after_step)
         if (step % config.checkpoint_every == 0 or halt) and step < total_steps:
             _check_finite(acc_metrics, step, ckpt.directory)
-            t_ckpt = time.time()
-            ckpt.save(step, _host(parallel.unreplicate(rstate)), meta(step))
-            run.add_time("checkpoints", time.time() - t_ckpt)
+            save(step, _host(parallel.unreplicate(rstate)))
         if halt and step < total_steps:
             reporter.info(f"halted after step {step} (halt_after_step); rerun to resume")
             ckpt.close()
@@ -476,10 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         final = run.evaluate(hstate, dcfg)["accuracy"]
         stage_acc.append({"label": "final", "accuracy": final})
     run.add_time("final", time.time() - t_final)
-    t_ckpt = time.time()
-    ckpt.save(step, hstate, meta(step))
+    save(step, hstate)
     ckpt.close()
-    run.add_time("checkpoints", time.time() - t_ckpt)
     summary = _summary(config, run, fp_acc, final, stage_acc, qlayer_list, time.time() - t_start)
     summary.update(run_params)
     if is_main:
