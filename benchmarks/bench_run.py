@@ -231,11 +231,7 @@ def main(argv=None) -> dict:
     tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
     from qat_jax.train import compilation_cache
 
-    cache = compilation_cache.enable(args.compilation_cache_dir)
-    if cache is None:  # a cold measurement even when JAX_COMPILATION_CACHE_DIR is set
-        import jax
-
-        jax.config.update("jax_enable_compilation_cache", False)
+    cache = compilation_cache.enable(args.compilation_cache_dir)  # "none": a cold measurement
     with contextlib.redirect_stdout(sys.stderr):
         result = run(args.config, args.overrides, args.workdir)
     result["compilation_cache_dir"] = cache

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from qat_jax.train import compilation_cache
@@ -48,11 +49,39 @@ def test_second_process_loads_the_program_from_the_cache(tmp_path):
     assert _child(str(cache)) == "HIT"
 
 
-@pytest.mark.parametrize("off", [None, "", "none", "NONE"])
-def test_off_values_leave_jax_alone(off, monkeypatch):
+@pytest.fixture
+def restore_jax_cache_config(monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)
+    before = jax.config.jax_enable_compilation_cache
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+@pytest.mark.parametrize("off", [None, "", "none", "NONE"])
+def test_off_values_turn_the_cache_off(off, restore_jax_cache_config):
     assert compilation_cache.enable(off) is None
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    assert jax.config.jax_enable_compilation_cache is False
+    assert os.environ["JAX_ENABLE_COMPILATION_CACHE"] == "false"  # child processes too
+
+
+def test_off_overrides_a_directory_from_the_environment(tmp_path):
+    # JAX reads JAX_COMPILATION_CACHE_DIR itself; --compilation_cache_dir=none must still mean off.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from qat_jax.train import compilation_cache\n"
+        "compilation_cache.enable('none')\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
+        "jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(8)).block_until_ready()\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not (tmp_path / "xla").exists() or not os.listdir(tmp_path / "xla")
 
 
 def test_unusable_directory_is_a_clear_error(tmp_path):

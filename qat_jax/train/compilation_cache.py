@@ -32,8 +32,9 @@ def default_dir() -> str:
 def enable(path: str | None, min_compile_seconds: float | None = None) -> str | None:
     """Cache every program that took at least ``min_compile_seconds`` to compile under ``path``.
 
-    ``path`` ``None``, ``''`` or ``'none'`` leaves the cache off. Call it before the first compile.
-    Child processes inherit the directory (``JAX_COMPILATION_CACHE_DIR``).
+    ``path`` ``None``, ``''`` or ``'none'`` turns the cache off (even when
+    ``JAX_COMPILATION_CACHE_DIR`` is set). Call it before the first compile. Child processes
+    inherit the choice (``JAX_COMPILATION_CACHE_DIR``, ``JAX_ENABLE_COMPILATION_CACHE``).
     ``min_compile_seconds`` ``None`` keeps JAX's setting (1 s unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise).
 
@@ -41,6 +42,9 @@ def enable(path: str | None, min_compile_seconds: float | None = None) -> str | 
     created or written (before any compute, so nothing is lost).
     """
     if path is None or path.strip().lower() in ("", "none"):
+        # Off means off, also when JAX_COMPILATION_CACHE_DIR is set (and for child processes).
+        jax.config.update("jax_enable_compilation_cache", False)
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
         return None
     path = os.path.abspath(os.path.expanduser(path))
     try:
@@ -49,8 +53,10 @@ def enable(path: str | None, min_compile_seconds: float | None = None) -> str | 
         raise ValueError(f"compilation cache directory {path}: {e.strerror or e}") from e
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"compilation cache directory {path} is not writable")
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # child processes (qat_jax.compare's runs)
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "true"  # child processes (qat_jax.compare's runs)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     if min_compile_seconds is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     return path
