@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,3 +196,42 @@ def test_quant_config_is_static_and_hashable():
     assert hash(QuantConfig()) == hash(QuantConfig())
     with pytest.raises(dataclasses.FrozenInstanceError):
         QuantConfig().transform = False  # type: ignore[misc]
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+    """``model.dtype=bfloat16``: convolutions compute in bfloat16, while parameters, optimizer
+    state and BN statistics stay float32 through a BiTAT step, which tracks the float32 step."""
+    tx = optax.adam(1e-3)
+    models = {"f32": _model(), "bf16": _model(dtype=jnp.bfloat16)}
+    state, _ = _state(models["bf16"], tx)  # block 0 binarizing with its transform
+    conv_dtypes = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and type(context.module).__name__ == "BinaryConv":
+            conv_dtypes.append(out.dtype)
+        return out
+
+    with nn.intercept_methods(record):
+        logits = models["bf16"].apply(state.variables, _batch(2)["image"], train=False)
+    assert set(conv_dtypes) == {jnp.dtype(jnp.bfloat16)} and logits.dtype == jnp.float32
+
+    out = {}
+    for name, model in models.items():
+        step = _pmapped(steps.make_train_step(model, tx, steps.LossConfig()), 1)
+        new, metrics = step(
+            _rep(state, 1), _split(_batch(16), 1), _rep(jax.random.PRNGKey(0), 1), None
+        )
+        out[name] = (jax.tree.map(lambda x: np.asarray(x)[0], new), float(metrics["loss"][0]))
+    new16, loss16 = out["bf16"]
+    for tree in (new16.params, new16.opt_state, new16.state["batch_stats"]):
+        floats = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating)]
+        assert floats and all(x.dtype == np.float32 for x in floats)
+    assert np.isfinite(loss16)
+    np.testing.assert_allclose(loss16, out["f32"][1], rtol=0.05)
+    # the update moved the float32 master weights (not lost to bfloat16 rounding)
+    moved = [
+        np.max(np.abs(a - b))
+        for a, b in zip(jax.tree.leaves(new16.params), jax.tree.leaves(state.params), strict=True)
+    ]
+    assert max(moved) > 1e-4
