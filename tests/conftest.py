@@ -5,15 +5,35 @@ imported (and before its backend initialises), so it is done here, at the top of
 pytest loads before any test module.
 """
 
+import json
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+# One persistent XLA compilation cache for the whole test run: every test process (the pytest-xdist
+# workers) and every subprocess the tests start (``qat_jax.main`` children inherit the variable)
+# load a program another one already compiled instead of compiling it again. A fresh directory per
+# run (made by the first process, inherited by the workers it starts, removed at the end), so
+# nothing stale from an earlier checkout is ever loaded; a cached executable is the same compiled
+# program, so results are bit-identical. The size limit turns on JAX's file lock, which makes
+# concurrent writers and readers of the directory safe.
+_CACHE_ENV = "QAT_JAX_TEST_XLA_CACHE"
+_OWNS_CACHE = _CACHE_ENV not in os.environ
+if _OWNS_CACHE:
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="qat_jax_tests_xla_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 from qat_jax.hostenv import tune_host  # noqa: E402
 
@@ -45,3 +65,54 @@ def _release_compiled_programs():
     """
     yield
     jax.clear_caches()
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA compile time per test module, printed at the end of the run (the CI log shows where the
+# suite's time goes). Only this process's compiles are counted; subprocess tests report their own
+# wall time through --durations.
+
+_COMPILE_SECONDS: dict[str, float] = {}
+_CURRENT_MODULE = ["<collection>"]
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        m = _CURRENT_MODULE[0]
+        _COMPILE_SECONDS[m] = _COMPILE_SECONDS.get(m, 0.0) + seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _CURRENT_MODULE[0] = item.nodeid.split("::")[0]
+
+
+def pytest_sessionfinish(session):
+    # A pytest-xdist worker hands its compile times to the controlling process.
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["qat_jax_compile_seconds"] = json.dumps(_COMPILE_SECONDS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    worker = json.loads(getattr(node, "workeroutput", {}).get("qat_jax_compile_seconds", "{}"))
+    for m, s in worker.items():
+        _COMPILE_SECONDS[m] = _COMPILE_SECONDS.get(m, 0.0) + s
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _COMPILE_SECONDS:
+        return
+    total = sum(_COMPILE_SECONDS.values())
+    terminalreporter.write_sep("=", f"XLA compile time in the test process: {total:.0f} s")
+    for m, s in sorted(_COMPILE_SECONDS.items(), key=lambda kv: -kv[1])[:12]:
+        terminalreporter.write_line(f"{s:8.1f} s  {m}")

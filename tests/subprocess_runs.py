@@ -10,6 +10,8 @@ stay bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -40,6 +42,7 @@ def child_env(devices: int, cache_dir: str, **extra: str) -> dict:
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # turns on JAX's file lock
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -120,25 +123,46 @@ def copy_workdir(src, dst, upto_step: int) -> None:
 # session's base temp dir, so two modules importing these get the same run).
 
 
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock between the processes of one test run (pytest-xdist workers)."""
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def session_dirs(tmp_path_factory) -> tuple[str, str, str]:
-    """(base dir, prepared data dir, XLA cache dir) of this pytest session."""
+    """(base dir, prepared data dir, XLA cache dir) of this test run.
+
+    Shared by all pytest-xdist workers of the run (their base temp dirs are siblings), so a run
+    that several test modules use is built once, by whichever worker needs it first. The XLA
+    cache is the run's one persistent compilation cache (tests/conftest.py).
+    """
     from qat_jax.data import prepare
 
-    base = str(tmp_path_factory.getbasetemp() / "qat_jax_subprocess_runs")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    base = str(root / "qat_jax_subprocess_runs")
+    os.makedirs(base, exist_ok=True)
     data = os.path.join(base, "tfds")
-    cache = os.path.join(base, "xla_cache")
-    os.makedirs(cache, exist_ok=True)
-    if not os.path.isdir(os.path.join(data, "fashion_mnist")):
-        prepare("fashion_mnist", FASHION, data, progress=False)
+    cache = os.environ["QAT_JAX_TEST_XLA_CACHE"]
+    with _locked(data):
+        if not os.path.isdir(os.path.join(data, "fashion_mnist")):
+            prepare("fashion_mnist", FASHION, data, progress=False)
     return base, data, cache
 
 
 def _once(path: str, build) -> str:
-    if not os.path.isdir(path):
-        tmp = path + ".building"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        os.rename(tmp, path)
+    with _locked(path):
+        if not os.path.isdir(path):
+            tmp = path + ".building"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            os.rename(tmp, path)
     return path
 
 

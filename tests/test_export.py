@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from numerics import assert_logits_match
 
 from qat_jax import data as qdata
 from qat_jax import export, interop, ops
@@ -142,7 +143,7 @@ def test_packed_resnet_matches_model_apply(tmp_path, rng):
     x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
     want = np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
     got = packed(x)
-    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
+    assert_logits_match(got, want, LOGIT_RTOL)
     # The binary convs run on words: popcount is used, and no packed (uint32) value is ever
     # converted to a float -- only the int32 accumulators are, for the folded BN affine.
     jaxpr = jax.make_jaxpr(lambda t, z: export.packed_forward(packed.header["ops"], t, z))(
@@ -287,7 +288,6 @@ def test_packed_forward_reproduces_eval_logits_on_the_test_split(tiny_run, tmp_p
         labels.append(np.asarray(batch["label"][0])[keep])
     want, got, labels = map(np.concatenate, (want, got, labels))
     assert len(labels) == 200  # the whole (tiny) eval split
-    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
-    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    assert_logits_match(got, want, LOGIT_RTOL)
     # ... and the packed model's accuracy is the run's final W1A1 test accuracy.
     assert np.mean(got.argmax(-1) == labels) == pytest.approx(summary["w1a1_accuracy"], abs=1e-9)

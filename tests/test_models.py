@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_close_to_scale, assert_logits_match
 
 from qat_jax import models
 from qat_jax.layers import BINARIZING, BinaryConv, QuantConfig
@@ -33,6 +34,11 @@ SMALL_KW = dict(
 SMALL_BLOCKS = ((1, 8, 1), (6, 8, 2), (6, 8, 1), (6, 8, 2))
 FAST_QUANT = QuantConfig(transform=False)  # cheaper binarizing branch to compile
 X_SHAPE = (2, 16, 16, 3)
+# Our models vs a plain-Flax reference / the 'cpu' vs 'xla' conv paths: the same float32 math in
+# another summation order (shifted taps vs lax.conv, fused BN). Bounded by 1e-5 of the compared
+# tensor's largest magnitude (observed ~1e-7 of it): rounding passes, a wrong weight or a
+# missing BN term (a whole-percent change) does not.
+MODEL_REL = 1e-5
 
 
 def _compile(fn, *args):
@@ -418,7 +424,7 @@ def _compare_with_reference(model, ref, variables, x):
 
     ours, theirs = _compile(both, variables, ref_vars, x)(variables, ref_vars, x)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(a, b, MODEL_REL)
     # Train and eval mode really differ (batch vs running statistics).
     assert not np.allclose(np.asarray(ours[0]), np.asarray(ours[1]), atol=1e-3)
 
@@ -442,8 +448,9 @@ def test_conv_impl_cpu_matches_xla(small_mbv2, x_input):
         m = model.clone(conv_impl=impl)
         f = _compile(lambda v, z, m=m: m.apply(v, z, train=False), variables, x_input)
         outs[impl] = [f(variables, x_input), f(_set_modes(variables, BINARIZING, 1), x_input)]
-    np.testing.assert_allclose(outs["cpu"][0], outs["xla"][0], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(outs["cpu"][1], outs["xla"][1], atol=1e-4, rtol=1e-4)
+    assert_logits_match(outs["cpu"][0], outs["xla"][0], MODEL_REL, err_msg="fp")
+    # Binary: a pre-sign value within rounding of tau may flip one activation between the paths.
+    assert_logits_match(outs["cpu"][1], outs["xla"][1], 10 * MODEL_REL, err_msg="binary")
 
 
 def test_binarizing_mode_has_finite_gradients(x_input):

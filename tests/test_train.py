@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numerics import assert_close_to_scale
 
 from qat_jax.layers import BINARIZING, QuantConfig
 from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
@@ -112,8 +113,14 @@ def test_kd_and_info_terms_add_their_gradients():
         flat_expect = jax.tree.leaves(
             jax.tree.map(lambda b, e, w=w: b + w * np.asarray(e), base, extra)
         )
+        # The pmapped step's gradient vs a local recomputation of each term: another reduction
+        # order through the whole backward pass. The rounding of a leaf comes from the terms it
+        # is summed from, not from its own size (a leaf whose true gradient is ~0 carries the
+        # noise of the large terms that cancel in it), so the bound scales with the largest
+        # gradient of the whole tree.
+        scale = max(float(np.abs(b).max()) for b in flat_expect)
         for a, b in zip(flat_got, flat_expect, strict=True):
-            np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+            assert_close_to_scale(a, b, 2e-3, scale=scale)
     # And the extra terms are not zero (the test would pass trivially otherwise).
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(d_kd)) > 1e-4
     assert float(np.abs(d_info["quant"]["block0"]["depthwise"]["rho"]).max()) > 1e-6
@@ -147,8 +154,17 @@ def test_pmapped_step_matches_one_device(binarize):
             strict=True,
         )
     )
-    for a, b in pairs:
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Means over 8 devices x 2 vs 1 x 16 examples: float32 sums in another order, through two SGD
+    # steps. As for gradients above, a leaf's rounding comes from the sums that produce it (a
+    # threshold whose gradient is ~0 moves by noise only), so the bound is relative to the
+    # largest value of its tree (params, or BN statistics).
+    for tree in (
+        pairs[: len(jax.tree.leaves(s1.params))],
+        pairs[len(jax.tree.leaves(s1.params)) :],
+    ):
+        scale = max(float(np.abs(b).max()) for _, b in tree)
+        for a, b in tree:
+            assert_close_to_scale(a, b, 1e-4, scale=scale)
 
 
 def test_mask_freezes_leaves_bit_exactly_under_adam():
