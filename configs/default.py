@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.0
     c.model.conv_impl = "auto"
     c.model.dtype = "float32"
+    # A real-valued shortcut around every binary conv (Bi-Real Net / ReActNet): BN(conv(x)) plus
+    # x matched to the output's shape (channel repeat / group mean / 2x2 average pool), before
+    # the activation; no parameters. The reactnet method turns it on whatever this says.
+    c.model.binary_shortcut = False
 
     c.dataset = get_config_defaults()
     c.dataset.name = "fashion_mnist"

@@ -5,7 +5,10 @@
 1. ``fp`` (the base config with ``method='fp'``) in ``<workdir>/seed<S>/fp``; it trains the FP
    model and saves it to ``<workdir>/seed<S>/fp/teacher``;
 2. every other method in ``<workdir>/seed<S>/<method>``, starting from that FP model
-   (``init = <teacher>``, so no method trains its own FP model) with the **same QAT budget**:
+   (``init = <teacher>``, so no method trains its own FP model; except ``reactnet`` on a model
+   with the ``binary_shortcut`` option, whose shortcuts make another FP network: it trains its
+   own FP model with them, ``init = 'train_fp'``, see :func:`changes_architecture`) with the
+   **same QAT budget**:
    the stages of every method share ``total_stage_steps`` steps (default: the base schedule's
    number of stages x ``steps_per_stage``), then ``final_steps``. Same model, data, seed,
    optimizer, loss; only the method differs.
@@ -40,7 +43,14 @@ import numpy as np
 
 from qat_jax.train.methods import METHODS
 
-__all__ = ["run_comparison", "run_configs", "stage_budget", "aggregate", "write_results"]
+__all__ = [
+    "run_comparison",
+    "run_configs",
+    "stage_budget",
+    "changes_architecture",
+    "aggregate",
+    "write_results",
+]
 
 #: Methods whose per-stage accuracies go into ``stages.png``.
 PROGRESSIVE = ("progressive", "bitat_fixed", "bitat")
@@ -65,6 +75,24 @@ def stage_budget(base: ml_collections.ConfigDict) -> int:
         [(q.path, q.block_id) for q in layers], trainer._schedule_config(base, settings)
     )
     return controller.num_stages * int(base.schedule.steps_per_stage)
+
+
+def changes_architecture(base: ml_collections.ConfigDict, method: str) -> bool:
+    """Whether ``method`` builds another FP function than ``fp`` on ``base``'s model.
+
+    ``reactnet`` adds a real-valued shortcut around every binary conv (on models with the
+    ``binary_shortcut`` option, unless ``base`` already has it on); the parameters are the same,
+    so the shared FP model would load, but it was not trained with the shortcuts.
+    """
+    from qat_jax import models as qmodels
+    from qat_jax.train.methods import method_settings
+
+    model = base.model
+    return (
+        method_settings(method).shortcut
+        and not bool(model.get("binary_shortcut", False))
+        and qmodels.has_option(model.name, "binary_shortcut")
+    )
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
@@ -99,7 +127,10 @@ def run_configs(
             c.method = method
             c.seed = seed
             if method != "fp":
-                c.init = os.path.join(fp_dir, "teacher")
+                # A method that changes the architecture (reactnet's shortcuts) cannot start from
+                # the shared FP model (same parameters, another function): it trains its own.
+                if not changes_architecture(config.base, method):
+                    c.init = os.path.join(fp_dir, "teacher")
                 c.schedule.total_stage_steps = budget
             out.append((method, seed, os.path.join(workdir, f"seed{seed}", method), c))
     return out

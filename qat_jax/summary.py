@@ -16,7 +16,9 @@ Conventions (per example, i.e. batch 1):
 * other modules with parameters of their own (e.g. RPReLU) are FP rows without MACs;
 * **MACs**: ``Ho * Wo * C_out * kh * kw * C_in / groups`` for a conv, ``d_in * d_out`` for a dense
   layer; a binary layer (binary weights *and* inputs) counts them as binary MACs (BOPs), every other
-  layer as FP MACs (FLOPs). BN, activations, pooling and adds are not counted (Larq's convention);
+  layer as FP MACs (FLOPs). BN, activations, pooling and adds are not counted (Larq's convention),
+  and neither are the real-valued shortcuts of ``binary_shortcut`` models (adds, 2x2 average
+  pools, channel repeats and means: no parameters, no MACs);
 * **totals**: FP32 size = 4 bytes x all params; packed size = the sum of the memory column;
   compression = FP32 size / packed size; **OPs = BOPs / 64 + FLOPs** (Bi-Real/ReActNet).
 """

@@ -52,11 +52,13 @@ def test_plan_shares_one_teacher_per_seed_with_equal_budgets(tmp_path):
     for method, seed, run_dir, rc in plan:
         assert rc.seed == seed and rc.method == method
         assert run_dir == os.path.join(str(tmp_path), f"seed{seed}", method)
-        if method == "fp":
+        if method in ("fp", "reactnet"):  # reactnet's shortcuts need their own FP model
             assert rc.init == "train_fp"
-        else:
-            assert rc.init == os.path.join(str(tmp_path), f"seed{seed}", "fp", "teacher")
+            assert rc.model.binary_shortcut is False  # the method turns it on when built
+        if method != "fp":
             assert rc.schedule.total_stage_steps == budget
+        if method not in ("fp", "reactnet"):
+            assert rc.init == os.path.join(str(tmp_path), f"seed{seed}", "fp", "teacher")
             assert rc.schedule.final_steps == c.base.schedule.final_steps
     # The run configs of progressive and bitat are the same but for the method name.
     prog = next(rc for m, s, _, rc in plan if m == "progressive" and s == 3).to_dict()

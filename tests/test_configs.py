@@ -9,7 +9,7 @@ import pytest
 
 from qat_jax.data import get_config_defaults
 from qat_jax.train.config_files import load_config_file
-from qat_jax.train.methods import method_settings
+from qat_jax.train.methods import METHODS, method_settings
 from qat_jax.train.trainer import _quant_config, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,3 +47,27 @@ def test_compare_config_is_locked_and_its_base_is_a_training_config(path):
     assert c.base.init == "train_fp"
     settings = method_settings("bitat")
     build_model(c.base, NUM_CLASSES[c.base.dataset.name], _quant_config(c.base, settings))
+
+
+def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
+    c = load_config_file(os.path.join(ROOT, "configs", "default.py"))
+    c.unlock()
+    assert c.model.binary_shortcut is False
+    shortcut_methods = [m for m in METHODS if method_settings(m).shortcut]
+    assert shortcut_methods == ["reactnet"]
+
+    def built(method, key):
+        c.method, c.model.binary_shortcut = method, key
+        return build_model(c, 10, _quant_config(c, method_settings(method)))
+
+    assert built("bitat", False).binary_shortcut is False
+    assert built("bitat", True).binary_shortcut is True
+    assert built("fp", True).binary_shortcut is True  # the FP model has the same shortcuts
+    m = built("reactnet", False)  # the method ORs it in
+    assert m.binary_shortcut is True and m.rprelu is True
+    # A model without the option (ResNet) builds unchanged under reactnet.
+    r = load_config_file(os.path.join(ROOT, "configs", "resnet20_cifar10.py"))
+    r.unlock()
+    r.method = "reactnet"
+    model = build_model(r, 10, _quant_config(r, method_settings("reactnet")))
+    assert model.rprelu and not hasattr(model, "binary_shortcut")

@@ -22,7 +22,7 @@ from qat_jax import data as qdata
 from qat_jax import export, interop, ops
 from qat_jax import layers as qlayers
 from qat_jax.data import prepare
-from qat_jax.models import init_variables, quantizable_layers
+from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
 from qat_jax.models.resnet import ResNet
 from qat_jax.train import train_and_evaluate
 from qat_jax.train.config_files import load_config_file
@@ -154,6 +154,56 @@ def test_packed_resnet_matches_model_apply(tmp_path, rng):
         ins = {str(v.aval.dtype) for v in e.invars if hasattr(v, "aval")}
         outs = {str(v.aval.dtype) for v in e.outvars}
         assert not ("uint32" in ins and outs & {"float32", "float16", "bfloat16"}), e
+
+
+# --- a MobileNetV2 with a real-valued shortcut around every binary conv ------------------------
+
+
+@pytest.mark.parametrize("modes, rprelu", [("binary", False), ("binary", True), ("fp", False)])
+def test_packed_shortcut_mobilenetv2_matches_model_apply(tmp_path, rng, modes, rprelu):
+    # stem 8; block0 t=1 (8 -> 8); block1 8 -> 48 -> 8 stride 2 (on 15x15: odd pool); block2 the
+    # same at stride 1 (+ residual); block3 8 -> 24 -> 16 (unequal groups); head 16 -> 40.
+    model = MobileNetV2(
+        num_classes=10,
+        width_mult=0.25,
+        variant="cifar",
+        dropout_rate=0.0,
+        inverted_residual_setting=((1, 16, 1, 1), (6, 24, 2, 2), (3, 48, 1, 1)),
+        last_channel=40,
+        quant=qlayers.QuantConfig(transform=False),
+        rprelu=rprelu,  # with RPReLU: the reactnet architecture
+        binary_shortcut=True,
+    )
+    variables = _randomize_binary_state(
+        model, init_variables(model, jax.random.PRNGKey(0), (1, 15, 15, 3)), rng
+    )
+    if modes == "fp":  # every conv FP (exported as `conv`), the shortcuts stay
+        variables = jax.tree_util.tree_map_with_path(
+            lambda p, a: np.zeros_like(a) if p[-1].key in ("w_mode", "a_mode") else a,
+            variables,
+        )
+    path = os.path.join(tmp_path, "m.qat")
+    export.export_model(path, model, variables, (15, 15, 3))
+    packed = export.load_packed(path)
+    ops_ = packed.header["ops"]
+    convs = [op for op in ops_ if op["op"] in ("conv", "binary_conv") and op["name"] != "stem"]
+    adds = [op for op in ops_ if op["op"] == "shortcut_add"]
+    assert len(convs) == len(adds) == len(quantizable_layers(variables)) == 12
+    assert all(op["op"] == ("binary_conv" if modes == "binary" else "conv") for op in convs)
+    # Each shortcut_add follows its conv and adds that conv's input, matched to its output.
+    for conv, add in zip(convs, adds, strict=True):
+        assert add["in"] == [conv["out"], conv["in"]] and add["stride"] == conv["strides"]
+        assert (add["c_in"], add["c_out"]) == (conv["c_in"], conv["c_out"])
+    assert {op["match"] for op in adds} == {"identity", "repeat", "group_mean", "adaptive"}
+    assert [op["stride"] for op in adds].count([2, 2]) == 1
+    x = rng.normal(size=(4, 15, 15, 3)).astype(np.float32)
+    want = np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
+    got = packed(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
+    # The same variables without the shortcut give another function (the op matters).
+    plain = model.clone(binary_shortcut=False)
+    other = np.asarray(jax.jit(lambda v, z: plain.apply(v, z, train=False))(variables, x))
+    assert np.abs(other - want).max() > 1e-2 * np.abs(want).max()
 
 
 # --- the tiny run -------------------------------------------------------------------------------

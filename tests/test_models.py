@@ -531,3 +531,126 @@ def test_invalid_configs_raise():
         )
     with pytest.raises(ValueError, match="quantizable_layers needs concrete"):
         models.quantizable_layers(_abstract_variables(ResNet20(), (1, 8, 8, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-valued shortcut around every binary conv (``binary_shortcut``).
+
+
+def _np_match(z: np.ndarray, c_out: int) -> np.ndarray:
+    """Channel matching by hand: output k is the mean of inputs floor(k C/c) .. ceil((k+1) C/c)-1."""
+    c_in = z.shape[-1]
+    cols = []
+    for k in range(c_out):
+        lo, hi = (k * c_in) // c_out, -(-((k + 1) * c_in) // c_out)
+        cols.append(z[..., lo:hi].mean(-1))
+    return np.stack(cols, axis=-1)
+
+
+def _np_pool(z: np.ndarray) -> np.ndarray:
+    """2x2 / 2 average of the entries inside the image (ceil mode)."""
+    n, h, w, c = z.shape
+    out = np.zeros((n, -(-h // 2), -(-w // 2), c), np.float64)
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            out[:, i, j] = z[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))
+    return out
+
+
+def _np_block(x: np.ndarray, t: int, c_out: int, stride: int) -> np.ndarray:
+    """An inverted residual whose convs are all zero: only the shortcuts (and residual) remain."""
+    relu6 = lambda z: np.clip(z, 0.0, 6.0)  # noqa: E731
+    h = x if t == 1 else relu6(_np_match(x, int(round(x.shape[-1] * t))))
+    h = relu6(_np_pool(h) if stride == 2 else h)
+    y = _np_match(h, c_out)
+    return y + x if stride == 1 and x.shape[-1] == c_out else y
+
+
+def _zero_binary_kernels(model, variables):
+    """Every BinaryConv kernel set to zero (stem and classifier untouched); BN left at init, where
+    eval mode is the identity (scale 1, bias 0, mean 0, var 1), so BN(conv(x)) = 0 exactly."""
+    v = jax.tree.map(np.array, variables)
+    for q in models.quantizable_layers(v):
+        node = v["params"]
+        for k in q.path:
+            node = node[k]
+        node["kernel"] = np.zeros_like(node["kernel"])
+    return v
+
+
+def _close(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.mark.parametrize(
+    "c_in, t, c_out, stride, size",
+    [
+        (8, 6, 16, 2, 8),  # expand repeat x6, 2x2 pool, project mean of 3
+        (8, 6, 8, 1, 6),  # project mean of 6, plus the block's identity residual
+        (8, 1, 16, 1, 5),  # no expand; project 8 -> 16 repeats
+        (8, 3, 16, 2, 7),  # project 24 -> 16 (unequal groups), pool of an odd size
+    ],
+)
+def test_shortcut_block_with_zero_convs_is_the_matched_input(c_in, t, c_out, stride, size, rng):
+    from qat_jax.models.mobilenetv2 import InvertedResidual
+
+    block = InvertedResidual(
+        features=c_out, strides=stride, expand_ratio=t, block_id=0, binary_shortcut=True
+    )
+    x = (4.0 * rng.normal(size=(2, size, size, c_in))).astype(np.float32)  # both ReLU6 sides
+    v = _zero_binary_kernels(block, models.init_variables(block, jax.random.PRNGKey(0), x.shape))
+    plain = block.clone(binary_shortcut=False)
+    got, got_plain = _compile(
+        lambda v, z: (block.apply(v, z, train=False), plain.apply(v, z, train=False)), v, x
+    )(v, x)
+    _close(got, _np_block(x.astype(np.float64), t, c_out, stride))
+    # Without the option the same variables give the plain block: zero (plus the residual).
+    want_plain = x if stride == 1 and c_in == c_out else np.zeros_like(np.asarray(got))
+    np.testing.assert_array_equal(got_plain, want_plain)
+
+
+def test_shortcut_model_with_zero_convs_by_hand(rng):
+    """The whole reduced model: stem output -> the blocks' and head's shortcuts -> classifier."""
+    model = MobileNetV2(**{**SMALL_KW, "last_channel": 40}, binary_shortcut=True)
+    v = _zero_binary_kernels(model, models.init_variables(model, jax.random.PRNGKey(0), X_SHAPE))
+    v["params"]["classifier"]["bias"] = rng.normal(size=10).astype(np.float32)
+    x = rng.normal(size=X_SHAPE).astype(np.float32)
+    logits, inter = _compile(
+        lambda v, z: model.apply(
+            v, z, train=False, capture_intermediates=lambda m, _: m.name == "stem_bn"
+        ),
+        v,
+        x,
+    )(v, x)
+    h = np.clip(np.asarray(inter["intermediates"]["stem_bn"]["__call__"][0], np.float64), 0, 6)
+    for t, c_out, stride in SMALL_BLOCKS:
+        h = _np_block(h, t, c_out, stride)
+    h = np.clip(_np_match(h, 40), 0, 6).mean(axis=(1, 2))  # head 8 -> 40: unequal groups
+    cls = v["params"]["classifier"]
+    _close(logits, h @ cls["kernel"] + cls["bias"])
+
+
+def test_shortcut_adds_no_variables_and_keeps_the_layer_list(small_mbv2):
+    model, variables = small_mbv2
+    on = model.clone(binary_shortcut=True)
+    v_on = models.init_variables(on, jax.random.PRNGKey(0), (1, *X_SHAPE[1:]))
+    assert jax.tree.structure(v_on) == jax.tree.structure(variables)
+    assert [a.shape for a in jax.tree.leaves(v_on)] == [b.shape for b in jax.tree.leaves(variables)]
+    assert models.quantizable_layers(v_on) == models.quantizable_layers(variables)
+    # Full size (traced only), where projects like 144 -> 32 have unequal channel groups.
+    plain = MobileNetV2(variant="cifar", num_classes=100)
+    shape = (1, 32, 32, 3)
+    assert _param_count(plain.clone(binary_shortcut=True), shape) == _param_count(plain, shape)
+
+
+def test_shortcut_changes_the_function(small_mbv2, x_input):
+    model, variables = small_mbv2
+    variables = _randomize(variables)
+    on = model.clone(binary_shortcut=True)
+    v = _set_modes(variables, BINARIZING, 1)
+    a, b = _compile(
+        lambda v, z: (model.apply(v, z, train=False), on.apply(v, z, train=False)), v, x_input
+    )(v, x_input)
+    assert np.all(np.isfinite(b)) and np.abs(a - b).max() > 1e-3 * np.abs(a).max()

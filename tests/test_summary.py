@@ -133,3 +133,13 @@ def test_other_parametrised_modules_are_fp_rows():
         "head_act/rprelu": 3 * 16,
     }
     assert s.params == 586 + 72 and s.bops == 16896 and s.flops == 4768
+
+
+def test_binary_shortcut_changes_no_row(tiny):
+    """The shortcut has no parameters, and its adds/pools are not counted, like BN and residuals."""
+    model, variables = tiny
+    with_shortcut = MobileNetV2(**TINY, binary_shortcut=True)
+    for binary in ("all", "none"):
+        a = summary.model_summary(model, variables, (8, 8, 1), binary=binary)
+        b = summary.model_summary(with_shortcut, variables, (8, 8, 1), binary=binary)
+        assert b.rows == a.rows and b.totals() == a.totals()

@@ -12,6 +12,11 @@ op's output is the logits). Ops (all NHWC, float32 activations):
 ``rprelu``         ``where(z > 0, z, slope * z) + shift_out``, ``z = x - shift_in`` (per channel;
                    ReActNet's RPReLU, after binary convs of ``reactnet`` models)
 ``add``            sum of the two inputs (residual)
+``shortcut_add``   ``in: [y, x]``: ``y + match(pool(x))``, the real-valued shortcut of a conv
+                   (``binary_shortcut`` models): ``pool`` a 2x2 / 2 average (in-image entries,
+                   ceil mode) when ``stride`` is 2; ``match`` ``c_in -> c_out`` channels,
+                   output ``k`` = mean of inputs ``floor(k c_in / c_out) .. ceil((k+1) c_in /
+                   c_out) - 1`` (``match`` names the case; :mod:`qat_jax.shortcut`)
 ``max_pool``       window/strides/padding, padding is -inf (torch ``MaxPool2d``)
 ``mean``           global average over H, W -> ``[N, C]``
 ``dense``          FP ``x @ kernel + bias`` (the classifier)
@@ -31,6 +36,7 @@ import flax.linen as nn
 import numpy as np
 
 from qat_jax import layers as qlayers
+from qat_jax import shortcut as qshortcut
 from qat_jax.export.packing import num_words, pack_rows
 from qat_jax.models import MobileNetV2
 from qat_jax.models.resnet import ResNet
@@ -187,6 +193,23 @@ class _Builder:
         self.ops.append({"op": "add", "in": [a, b], "out": out})
         return out
 
+    def shortcut_add(self, y: str, x: str, stride: int) -> str:
+        """``y + shortcut(x)``: the matched real-valued input ``x`` of the conv that gave ``y``."""
+        c_in, c_out = self.channels[x], self.channels[y]
+        out = self._new(c_out)
+        self.ops.append(
+            {
+                "op": "shortcut_add",
+                "in": [y, x],
+                "out": out,
+                "stride": [int(stride), int(stride)],
+                "c_in": c_in,
+                "c_out": c_out,
+                "match": qshortcut.match_kind(c_in, c_out),
+            }
+        )
+        return out
+
     def max_pool(self, x: str) -> str:
         out = self._new(self.channels[x])
         self.ops.append(
@@ -226,6 +249,10 @@ class _Builder:
 
 
 def _mobilenetv2(model: MobileNetV2, b: _Builder) -> str:
+    def conv_bn(x, path, bn_path, stride):
+        y = b.conv_bn(x, path, bn_path, stride)
+        return b.shortcut_add(y, x, stride) if model.binary_shortcut else y
+
     stem_stride = 2 if model.variant == "imagenet" else 1
     x = b.act(b.conv_bn("x", ("stem",), ("stem_bn",), stem_stride), "relu6")
     block = 0
@@ -235,16 +262,16 @@ def _mobilenetv2(model: MobileNetV2, b: _Builder) -> str:
             stride = s if i == 0 else 1
             y = x
             if t != 1:
-                y = b.conv_bn(y, (blk, "expand"), (blk, "expand_bn"), 1)
+                y = conv_bn(y, (blk, "expand"), (blk, "expand_bn"), 1)
                 y = b.act(y, "relu6", (blk, "expand_act"), (blk, "expand"))
-            y = b.conv_bn(y, (blk, "depthwise"), (blk, "depthwise_bn"), stride)
+            y = conv_bn(y, (blk, "depthwise"), (blk, "depthwise_bn"), stride)
             y = b.act(y, "relu6", (blk, "depthwise_act"), (blk, "depthwise"))
-            y = b.conv_bn(y, (blk, "project"), (blk, "project_bn"), 1)
+            y = conv_bn(y, (blk, "project"), (blk, "project_bn"), 1)
             if stride == 1 and b.channels[x] == b.channels[y]:
                 y = b.add(y, x)
             x = y
             block += 1
-    x = b.act(b.conv_bn(x, ("head_conv",), ("head_bn",), 1), "relu6", ("head_act",), ("head_conv",))
+    x = b.act(conv_bn(x, ("head_conv",), ("head_bn",), 1), "relu6", ("head_act",), ("head_conv",))
     return b.dense(b.mean(x), ("classifier",))
 
 

@@ -4,8 +4,8 @@
 jits it for one op list. Binary convs never see a float weight: their weights stay packed words,
 their inputs are packed into words, and the accumulation is int32 (see
 :func:`qat_jax.export.packing.binary_conv_packed`). Floats appear only where the deployed network
-is FP: the stem conv, the folded BN affine after each conv, ReLU6/ReLU, residual adds, pooling and
-the classifier.
+is FP: the stem conv, the folded BN affine after each conv, ReLU6/ReLU, residual adds, the
+real-valued shortcuts (``shortcut_add``), pooling and the classifier.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from jax import lax
 
 from qat_jax import ops as qops
 from qat_jax.export.packing import binary_conv_packed
+from qat_jax.shortcut import shortcut
 
 __all__ = ["packed_forward", "make_packed_forward"]
 
@@ -59,6 +60,18 @@ def _rprelu(op, t, x):
     return jnp.where(z > 0, z, t[op["slope"]] * z) + t[op["shift_out"]]
 
 
+def _shortcut_add(op, y, x):
+    if x.shape[-1] != int(op["c_in"]) or y.shape[-1] != int(op["c_out"]):
+        raise ValueError(
+            f"shortcut_add: inputs have {y.shape[-1]} and {x.shape[-1]} channels, the op says "
+            f"c_out={op['c_out']}, c_in={op['c_in']}"
+        )
+    sh, sw = op["stride"]
+    if sh != sw:
+        raise ValueError(f"shortcut_add: only square strides are supported, got {op['stride']}")
+    return y + shortcut(x, int(op["c_out"]), int(sh))
+
+
 _OPS: dict[str, Callable] = {
     "rprelu": _rprelu,
     "conv": _conv,
@@ -79,6 +92,8 @@ def packed_forward(ops: Sequence[Mapping], tensors: Mapping[str, jax.Array], x: 
         if kind == "add":
             a, b = op["in"]
             env[op["out"]] = env[a] + env[b]
+        elif kind == "shortcut_add":
+            env[op["out"]] = _shortcut_add(op, env[op["in"][0]], env[op["in"][1]])
         elif kind in _OPS:
             env[op["out"]] = _OPS[kind](op, tensors, env[op["in"]])
         else:

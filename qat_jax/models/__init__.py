@@ -27,6 +27,7 @@ __all__ = [
     "ResNet18",
     "ResNet20",
     "create_model",
+    "has_option",
     "init_variables",
     "quantizable_layers",
 ]
@@ -49,3 +50,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
     return MODELS[key](**kwargs)
+
+
+def has_option(name: str, option: str) -> bool:
+    """Whether the model registered as ``name`` has the constructor argument ``option``."""
+    key = name.lower() if isinstance(name, str) else name
+    return key in MODELS and option in getattr(MODELS[key], "__dataclass_fields__", {})

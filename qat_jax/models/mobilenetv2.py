@@ -18,6 +18,12 @@ Default stages ``(t, c, n, s)``: (1,16,1,1), (6,24,2,2), (6,32,3,2), (6,64,4,2),
 ``variant='cifar'`` (32x32 inputs): stem stride 1 and stage strides (1, 1, 2, 2, 1, 2, 1), i.e. a
 total down-sampling of 8 instead of 32.
 
+``binary_shortcut=True`` (Bi-Real Net / ReActNet): every binary conv (expand, depthwise, project,
+head_conv) gets a parameter-free real-valued shortcut, ``BN(conv(x)) + match(x)`` before its
+activation, ``match`` being a channel repeat (expand), a 2x2 average pool (stride-2 depthwise) or a
+mean over groups of consecutive channels (project); the rules are in :mod:`qat_jax.shortcut`. The
+block's own residual (``+ input``) stays. Same parameters and variables as without it.
+
 Module names and block ids: block ``i`` (``block{i}``, ``i`` counting every inverted residual
 bottom to top, 17 with the default stages) has ``block_id = i`` for its ``expand``,
 ``depthwise`` and ``project`` convs (BNs: ``expand_bn``, ``depthwise_bn``, ``project_bn``);
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 from qat_jax.activations import ConvActivation, conv_a_mode
 from qat_jax.layers import BinaryConv, QuantConfig
 from qat_jax.models.common import Conv, _make_divisible, batch_norm
+from qat_jax.shortcut import shortcut
 
 __all__ = ["MobileNetV2", "InvertedResidual", "IMAGENET_SETTING", "CIFAR_STRIDES"]
 
@@ -70,6 +77,8 @@ class InvertedResidual(nn.Module):
       block_id: block id of all three convs.
       act: activation after expand and depthwise (ReLU6).
       rprelu: RPReLU instead of ``act`` after convs whose input is binary (``reactnet``).
+      binary_shortcut: add each conv's matched real-valued input to its BN output, before the
+        activation (:mod:`qat_jax.shortcut`); ``False`` computes exactly the plain block.
     """
 
     features: int
@@ -82,6 +91,7 @@ class InvertedResidual(nn.Module):
     bn_axis_name: str | None = None
     act: Callable = nn.relu6
     rprelu: bool = False
+    binary_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -98,10 +108,16 @@ class InvertedResidual(nn.Module):
         def act(name, y, conv_module):
             return ConvActivation(self.act, self.rprelu, name=name)(y, conv_a_mode(conv_module))
 
+        def conv_bn(conv_module, bn_name, z, stride=1):
+            out = bn(bn_name)(conv_module(z))
+            if self.binary_shortcut:
+                out = out + shortcut(z, conv_module.features, stride).astype(out.dtype)
+            return out
+
         y = x
         if self.expand_ratio != 1:
             expand = BinaryConv(hidden, (1, 1), name="expand", **conv)
-            y = act("expand_act", bn("expand_bn")(expand(y)), expand)
+            y = act("expand_act", conv_bn(expand, "expand_bn", y), expand)
         depthwise = BinaryConv(
             hidden,
             (3, 3),
@@ -110,9 +126,9 @@ class InvertedResidual(nn.Module):
             name="depthwise",
             **conv,
         )
-        y = act("depthwise_act", bn("depthwise_bn")(depthwise(y)), depthwise)
-        y = BinaryConv(self.features, (1, 1), name="project", **conv)(y)
-        y = bn("project_bn")(y)
+        y = act("depthwise_act", conv_bn(depthwise, "depthwise_bn", y, self.strides), depthwise)
+        project = BinaryConv(self.features, (1, 1), name="project", **conv)
+        y = conv_bn(project, "project_bn", y)
         if self.strides == 1 and c_in == self.features:
             y = y + x
         return y
@@ -139,6 +155,8 @@ class MobileNetV2(nn.Module):
       round_nearest: channel rounding multiple (torchvision's 8).
       rprelu: RPReLU instead of ReLU6 after every binary conv once its input is binary (the
         ``reactnet`` method; see :mod:`qat_jax.activations`). ``False`` adds no variables.
+      binary_shortcut: a real-valued shortcut around every binary conv (Bi-Real Net / ReActNet;
+        :mod:`qat_jax.shortcut`); no parameters, ``False`` is the plain MobileNetV2.
     """
 
     num_classes: int = 1000
@@ -153,6 +171,7 @@ class MobileNetV2(nn.Module):
     last_channel: int | None = None
     round_nearest: int = _ROUND
     rprelu: bool = False
+    binary_shortcut: bool = False
 
     def stages(self) -> tuple[tuple[int, int, int, int], ...]:
         """The ``(t, c, n, s)`` stages actually built (before width scaling of ``c``)."""
@@ -215,6 +234,7 @@ class MobileNetV2(nn.Module):
                     dtype=self.dtype,
                     bn_axis_name=self.bn_axis_name,
                     rprelu=self.rprelu,
+                    binary_shortcut=self.binary_shortcut,
                     name=f"block{block_id}",
                 )(x, train)
                 block_id += 1
@@ -228,8 +248,10 @@ class MobileNetV2(nn.Module):
             dtype=self.dtype,
             name="head_conv",
         )
-        x = batch_norm(train, self.bn_axis_name, self.dtype, "head_bn")(head(x))
-        x = ConvActivation(nn.relu6, self.rprelu, name="head_act")(x, conv_a_mode(head))
+        y = batch_norm(train, self.bn_axis_name, self.dtype, "head_bn")(head(x))
+        if self.binary_shortcut:
+            y = y + shortcut(x, last_channel, 1).astype(y.dtype)
+        x = ConvActivation(nn.relu6, self.rprelu, name="head_act")(y, conv_a_mode(head))
 
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)

@@ -6,7 +6,8 @@
                  sign activations with a straight-through gradient
 ``reactnet``     two steps (granularity ``two_step``): every input binary (RSign, ApproxSign
                  gradient) with FP weights, then every weight binary (``C = I``); RPReLU after
-                 each binary conv; KD like every QAT method
+                 each binary conv and a real-valued shortcut around it (on the models that have
+                 the option); KD like every QAT method
 ``progressive``  the progressive schedule with the transform off (``C = I``)
 ``bitat_fixed``  the progressive schedule, ``C`` from calibrated PCA, ``P``/``rho`` not trained
 ``bitat``        everything: PCA init, trained Cayley basis and importance, progressive stages
@@ -31,6 +32,9 @@ class MethodSettings:
     granularity: str | None  # None: use the config's schedule.granularity
     act_grad: str | None = None  # None: use the config's quant.act_grad
     rprelu: bool = False  # RPReLU after binary convs (ReActNet)
+    # Real-valued shortcut around every binary conv (Bi-Real/ReActNet; OR-ed with the config's
+    # model.binary_shortcut by the trainer's build_model, for the models that have the option).
+    shortcut: bool = False
 
 
 METHODS = {
@@ -45,6 +49,7 @@ METHODS = {
         granularity="two_step",
         act_grad="approx",
         rprelu=True,
+        shortcut=True,
     ),
     "progressive": MethodSettings(
         quantize=True, transform=False, train_transform=False, granularity=None

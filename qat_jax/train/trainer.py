@@ -110,7 +110,11 @@ def _quant_config(config, settings) -> qlayers.QuantConfig:
 
 
 def build_model(config, num_classes: int, qcfg: qlayers.QuantConfig, bn_axis_name=None):
-    """The configured model (``config.model``: ``name`` plus that model's constructor args)."""
+    """The configured model (``config.model``: ``name`` plus that model's constructor args).
+
+    The method can switch model options on (never off): ``rprelu`` and, on the models that have
+    it (MobileNetV2), ``binary_shortcut`` for ``reactnet``.
+    """
     kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
     for key in ("inverted_residual_setting",):
         if kwargs.get(key) is not None:
@@ -119,8 +123,11 @@ def build_model(config, num_classes: int, qcfg: qlayers.QuantConfig, bn_axis_nam
             del kwargs[key]
     if "dtype" in kwargs:
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    if method_settings(config.method).rprelu:
+    settings = method_settings(config.method)
+    if settings.rprelu:
         kwargs["rprelu"] = True
+    if settings.shortcut and qmodels.has_option(config.model.name, "binary_shortcut"):
+        kwargs["binary_shortcut"] = True  # OR-ed with config.model.binary_shortcut
     return qmodels.create_model(
         config.model.name, num_classes=num_classes, quant=qcfg, bn_axis_name=bn_axis_name, **kwargs
     )
