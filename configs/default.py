@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.final_lr_fraction = 0.01
     c.optim.grad_clip = 0.0
+    # 'global': one warmup + cosine over all QAT steps; 'per_stage': warmup + cosine restarted at
+    # the start of every stage and of the final phase (same warmup_steps / final_lr_fraction).
+    c.optim.schedule = "global"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0
@@ -88,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the comparison sets it); 0: steps_per_stage each.
     c.schedule.total_stage_steps = 0
     c.schedule.final_train_latent = False
+    # > 0: QAT starts with one extra stage of this many steps that binarizes every layer's input
+    # (weights FP and trainable; ReActNet's first step), then the weight stages; 0: off.
+    c.schedule.acts_first_steps = 0
     c.schedule.calib_batches = 2
     c.schedule.bn_batches = 4
 

@@ -28,7 +28,9 @@ collection         variables                                  role
                    scalars), ``block`` (block id)             stage controller
 ``calib_stats``    only when the caller makes it mutable:     one batch's statistics for
                    ``x_sum`` ``[C_in]``, ``count``,           calibration (``xxT`` only
-                   ``xxT`` ``[G, d, d]``, ``n_patches``       where ``qstate/calib == 1``)
+                   ``pos_sum`` ``[C_in]`` (inputs with        where ``qstate/calib == 1``)
+                   ``x >= tau``), ``xxT`` ``[G, d, d]``,      and diagnostics
+                   ``n_patches``
 ``losses``         sown ``info`` (relative output error)      only when mutable
 =================  =========================================  ===========================
 
@@ -213,6 +215,9 @@ class _BinaryBase(nn.Module):
         self.put_variable("calib_stats", "x_sum", jnp.sum(xf.reshape(-1, xf.shape[-1]), axis=0))
         self.put_variable("calib_stats", "count", jnp.asarray(xf.size // xf.shape[-1], jnp.float32))
         tau = quant["tau"].value
+        # Inputs that ``sign(x - tau)`` maps to +1, per channel (diagnostics: dead/saturated).
+        ones = jnp.where(xf - tau >= 0, 1.0, 0.0).astype(jnp.float32)
+        self.put_variable("calib_stats", "pos_sum", jnp.sum(ones.reshape(-1, xf.shape[-1]), axis=0))
 
         def second_moment(z):
             if cfg.binarize_input:

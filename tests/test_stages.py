@@ -198,3 +198,105 @@ def test_total_stage_steps_gives_every_granularity_the_same_budget(granularity):
 def test_total_stage_steps_smaller_than_stages_is_rejected():
     with pytest.raises(ValueError, match="fewer than the 7 stages"):
         StageController(LAYERS, ScheduleConfig(granularity="layer", total_stage_steps=3))
+
+
+def _by_hand_mask(m, kernels, transforms, taus):
+    """The 0/1 values of ``m`` for every layer's kernel, P, rho and tau as four dicts."""
+    paths = [p for p, _ in LAYERS]
+    assert {p: _get(m, "params", *p, "kernel") for p in paths} == kernels
+    for name in ("P", "rho"):
+        assert {p: _get(m, "quant", *p, name) for p in paths} == transforms
+    assert {p: _get(m, "quant", *p, "tau") for p in paths} == taus
+    # BN, stem and classifier train in every stage.
+    for path in (("b0", "bn", "scale"), ("stem", "kernel"), ("classifier", "bias")):
+        assert _get(m, "params", *path) == 1.0
+
+
+def test_acts_first_binarizes_every_input_then_weights_block_by_block():
+    cfg = ScheduleConfig("block", steps_per_stage=10, final_steps=5, acts_first_steps=4)
+    c = StageController(LAYERS, cfg, qat_start=100)
+    b0 = [("b0", "expand"), ("b0", "dw"), ("b0", "project")]
+    b1 = [("b1", "expand"), ("b1", "dw"), ("b1", "project")]
+    head = [("head",)]
+    paths = b0 + b1 + head
+    # Layout: the acts-first stage's own 4 steps, then 3 block stages of 10, then 5 final.
+    assert c.num_stages == 4 and c.final_index == 4
+    assert [c.stage_start(k) for k in range(5)] == [100, 104, 114, 124, 134]
+    assert c.total_steps == 139
+    assert c.stage_at(99) == FP_PHASE and c.stage_at(100) == 0 and c.stage_at(103) == 0
+    assert c.stage_at(104) == 1 and c.stage_at(133) == 3 and c.stage_at(134) == 4
+    assert [s.index for s in c.stages] == [0, 1, 2, 3]
+    assert [s.weights for s in c.stages] == [False, True, True, True]
+    assert [s.completes for s in c.stages] == [(), tuple(b0), tuple(b1), tuple(head)]
+    assert "inputs of" in c.describe(0) and c.describe(1).startswith("stage 2/4 [b0/expand")
+    # Thresholds: every one is set when stage 0 starts, none later (they keep training).
+    assert c.new_binary_inputs(0) == set(paths)
+    assert all(c.new_binary_inputs(k) == set() for k in range(1, 5))
+
+    one = dict.fromkeys(paths, 1.0)
+    zero = dict.fromkeys(paths, 0.0)
+    # Stage 0: inputs binary, weights FP and trainable, no transform trains, every tau trains.
+    assert c.modes(0) == dict.fromkeys(paths, (FP, 1))
+    _by_hand_mask(c.mask(0, _params()), one, zero, one)
+    # Stage 1: block 0 binarizing; the rest keep binary inputs and FP weights.
+    assert c.modes(1) == {**dict.fromkeys(b0, (BINARIZING, 1)), **dict.fromkeys(b1 + head, (FP, 1))}
+    _by_hand_mask(c.mask(1, _params()), one, {**zero, **dict.fromkeys(b0, 1.0)}, one)
+    # Stage 2: block 0 materialised and frozen; block 1 binarizing with its transforms.
+    assert c.modes(2) == {
+        **dict.fromkeys(b0, (FROZEN, 1)),
+        **dict.fromkeys(b1, (BINARIZING, 1)),
+        **dict.fromkeys(head, (FP, 1)),
+    }
+    _by_hand_mask(
+        c.mask(2, _params()),
+        {**one, **dict.fromkeys(b0, 0.0)},
+        {**zero, **dict.fromkeys(b1, 1.0)},
+        one,
+    )
+    # Stage 3: the head.
+    assert c.modes(3) == {
+        **dict.fromkeys(b0 + b1, (FROZEN, 1)),
+        **dict.fromkeys(head, (BINARIZING, 1)),
+    }
+    _by_hand_mask(
+        c.mask(3, _params()),
+        {**zero, **dict.fromkeys(head, 1.0)},
+        {**zero, **dict.fromkeys(head, 1.0)},
+        one,
+    )
+    # Final phase: everything frozen binary; thresholds, BN, stem, classifier train.
+    assert c.modes(4) == dict.fromkeys(paths, (FROZEN, 1))
+    _by_hand_mask(c.mask(4, _params()), zero, zero, one)
+
+
+def test_acts_first_off_is_the_plain_schedule():
+    for total in (0, 25):
+        plain = StageController(LAYERS, ScheduleConfig("layer", 10, 3, total), 7)
+        off = StageController(LAYERS, ScheduleConfig("layer", 10, 3, total, acts_first_steps=0), 7)
+        assert off.stages == plain.stages
+        if not total:
+            assert [off.stage_start(k) for k in range(8)] == [7 + k * 10 for k in range(8)]
+        assert [off.stage_start(k) for k in range(8)] == [plain.stage_start(k) for k in range(8)]
+        assert off.total_steps == plain.total_steps
+
+
+def test_acts_first_with_a_shared_budget():
+    cfg = ScheduleConfig("block", 10, final_steps=2, total_stage_steps=20, acts_first_steps=4)
+    c = StageController(LAYERS, cfg, qat_start=0)
+    # The acts-first stage comes on top of the shared budget of the 3 weight stages.
+    assert [c.stage_start(k) for k in range(5)] == [0, 4, 4 + 6, 4 + 13, 24]
+    assert c.total_steps == 26
+    with pytest.raises(ValueError, match="fewer than the 3 stages"):
+        StageController(LAYERS, ScheduleConfig("block", total_stage_steps=2, acts_first_steps=4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(granularity="block", acts_first_steps=-1), "acts_first_steps"),
+        (dict(granularity="two_step", acts_first_steps=3), "two_step"),
+    ],
+)
+def test_bad_acts_first_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StageController(LAYERS, ScheduleConfig(**kwargs), 0)

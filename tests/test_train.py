@@ -251,3 +251,98 @@ def test_bfloat16_compute_keeps_float32_master_weights():
         for a, b in zip(jax.tree.leaves(new16.params), jax.tree.leaves(state.params), strict=True)
     ]
     assert max(moved) > 1e-4
+
+
+def test_grad_norm_split_and_lr_metrics_leave_the_update_alone():
+    """``grad_norm_trainable``/``grad_norm_frozen`` split the unmasked gradient by the mask
+    (``trainable**2 + frozen**2`` = its squared norm, computed with an all-ones mask), the
+    trainable part is what the optimizer sees (``grad_norm``), and ``lr`` is the schedule at the
+    optimizer's count."""
+    from qat_jax.train import schedules
+
+    model = _model()
+    sched = schedules.per_stage_schedule([1, 2], 0.05, 0, 0.1)
+    tx = optax.sgd(sched)
+    state, layers = _state(model, tx)
+    ctrl = StageController([(q.path, q.block_id) for q in layers], ScheduleConfig("layer", 1), 0)
+    stage_mask = ctrl.mask(1, state.params)  # freezes layer 0's kernel and every later P/rho
+    fn = _pmapped(steps.make_train_step(model, tx, steps.LossConfig(), sched), 1)
+    batch, key = _split(_batch(8), 1), _rep(jax.random.PRNGKey(0), 1)
+
+    _, m_all = fn(_rep(state, 1), batch, key, None)
+    s_masked, m = fn(_rep(state.replace(mask=stage_mask), 1), batch, key, None)
+    m_all = {k: float(np.asarray(v)[0]) for k, v in m_all.items()}
+    m = {k: float(np.asarray(v)[0]) for k, v in m.items()}
+    assert m_all["grad_norm_frozen"] == 0.0
+    assert m_all["grad_norm_trainable"] == m_all["grad_norm"]
+    full_sq = m_all["grad_norm"] ** 2
+    assert m["grad_norm_frozen"] > 1e-3 * m_all["grad_norm"]  # the mask does freeze something
+    assert m["grad_norm_trainable"] ** 2 + m["grad_norm_frozen"] ** 2 == pytest.approx(
+        full_sq, rel=1e-5
+    )
+    assert m["grad_norm_trainable"] == m["grad_norm"]
+    # The frozen part, from the raw gradient's leaves where the mask is 0 (SGD lr 1 deltas).
+    raw = _grads(model, state, _batch(8), steps.LossConfig())
+    frozen_sq = sum(
+        float(np.sum(np.square(g)))
+        for g, k in zip(jax.tree.leaves(raw), jax.tree.leaves(stage_mask), strict=True)
+        if float(k) == 0.0
+    )
+    assert m["grad_norm_frozen"] ** 2 == pytest.approx(frozen_sq, rel=1e-3)
+    # lr at count 0, then at count 1 (a restart of the per-stage schedule).
+    assert m["lr"] == pytest.approx(float(sched(0)), rel=1e-7)
+    _, m2 = fn(s_masked, _split(_batch(8, 1), 1), key, None)
+    assert float(np.asarray(m2["lr"])[0]) == pytest.approx(float(sched(1)), rel=1e-7)
+    assert float(sched(1)) == pytest.approx(0.05)
+    # The diagnostics do not change the step: same params as a step built without a schedule.
+    s_plain, _ = _pmapped(steps.make_train_step(model, tx, steps.LossConfig()), 1)(
+        _rep(state.replace(mask=stage_mask), 1), batch, key, None
+    )
+    for a, b in zip(jax.tree.leaves(s_plain.params), jax.tree.leaves(s_masked.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_activation_stats_count_ones_dead_and_saturated_channels():
+    from qat_jax.train import calibrate, parallel
+
+    model = _model()
+    state, layers = _state(model, optax.sgd(0.1))
+    path = layers[1].path  # block 0's second layer: its input comes from a ReLU6
+    tau = np.full_like(np.asarray(state.params["quant"][path[0]][path[1]]["tau"]), 0.3)
+    tau[0], tau[1] = 1e3, -1e3  # channel 0 never +1 (dead), channel 1 always +1 (saturated)
+    state = state.replace(params=set_path(state.params, ("quant", *path, "tau"), tau))
+    n_dev = jax.local_device_count()
+    images = [_batch(2 * n_dev, seed=s)["image"].reshape(n_dev, 2, 16, 16, 1) for s in (0, 1)]
+    calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
+    out = calibrate.activation_stats(state, [path], calib_fn, images)
+
+    # The same numbers from the layer's input captured directly.
+    seen = []
+
+    def capture(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.path == path:
+            seen.append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    local = _model().clone(bn_axis_name=None)
+    with nn.intercept_methods(capture):
+        for x in images:
+            local.apply(state.variables, x.reshape(-1, 16, 16, 1), train=False)
+    x = np.concatenate([s.reshape(-1, s.shape[-1]) for s in seen])
+    frac = np.mean(x - tau >= 0, axis=0)
+    assert frac[0] == 0.0 and frac[1] == 1.0 and 0.0 < frac[2:].mean() < 1.0
+    got = out[tuple(path)]
+    assert got["ones"] == pytest.approx(float(frac.mean()), abs=1e-6)
+    assert got["dead"] == int(np.sum(frac < 0.01)) >= 1
+    assert got["saturated"] == int(np.sum(frac > 0.99)) >= 1
+
+
+def test_bn_shift_on_hand_built_statistics():
+    from qat_jax.train import calibrate
+
+    before = {"a": {"bn": {"mean": np.array([0.0, 1.0]), "var": np.array([1.0, 4.0])}}}
+    after = {"a": {"bn": {"mean": np.array([1.0, 1.0]), "var": np.array([np.e, 4.0])}}}
+    shift = calibrate.bn_shift(before, after, eps=0.0)
+    assert shift["dmean"] == pytest.approx(0.5)
+    assert shift["dlogvar"] == pytest.approx(0.5)
+    assert calibrate.bn_shift(before, before) == {"dmean": 0.0, "dlogvar": 0.0}

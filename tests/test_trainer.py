@@ -11,7 +11,7 @@ import pytest
 
 from qat_jax import transform
 from qat_jax.data import prepare
-from qat_jax.train import ConfigError, train_and_evaluate
+from qat_jax.train import ConfigError, schedules, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -167,9 +167,104 @@ def test_resume_mid_stage_is_bit_identical(full_run, data_dir, tmp_path):
         ({"batch_size": 12}, "batch_size"),
         ({"method": "bitatt"}, "unknown method"),
         ({"init": "/nonexistent/teacher"}, "does not exist"),
+        ({"optim.schedule": "cosine"}, "optim.schedule"),
+        ({"schedule.acts_first_steps": -1}, "acts_first_steps"),
+        ({"schedule.acts_first_steps": 2, "method": "reactnet"}, "two_step"),
     ],
 )
 def test_bad_configs_fail_before_compute(data_dir, tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def _records(workdir, kind):
+    lines = open(os.path.join(str(workdir), "metrics.jsonl"))
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_diagnostics_are_logged(full_run):
+    """``lr`` is the schedule's value at each logged step (FP and the global QAT cosine), the
+    gradient split adds up, and every stage boundary reports BN shifts and activation shares."""
+    workdir, _ = full_run
+    cfg = tiny_config("unused")
+    fp_steps = cfg.fp.steps
+    qat_steps = 3 * cfg.schedule.steps_per_stage + cfg.schedule.final_steps
+    lr_fp = schedules.warmup_cosine(
+        cfg.fp.learning_rate, cfg.fp.warmup_steps, cfg.fp.final_lr_fraction, fp_steps
+    )
+    lr_qat = schedules.warmup_cosine(
+        cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.final_lr_fraction, qat_steps
+    )
+    train = _records(workdir, "train")
+    assert train
+    for r in train:  # the record at step s is written after the update of step s - 1
+        c = r["step"] - 1
+        expect = lr_fp(c) if c < fp_steps else lr_qat(c - fp_steps)
+        assert r["lr"] == pytest.approx(float(expect), rel=1e-6), r["step"]
+        assert r["grad_norm_trainable"] == pytest.approx(r["grad_norm"], rel=1e-6)
+        assert r["grad_norm_frozen"] >= 0.0
+    transitions = _records(workdir, "transition")
+    assert len(transitions) == 4  # 3 stages and the final phase
+    for r in transitions:
+        assert r["bn_switch_dmean"] >= 0.0 and r["bn_switch_dlogvar"] >= 0.0
+        ones = {k: v for k, v in r.items() if k.startswith("ones/")}
+        assert ones and all(0.0 <= v <= 1.0 for v in ones.values())
+        assert r["dead_channels"] == sum(v for k, v in r.items() if k.startswith("dead/"))
+    assert all("bn_stage_end_dmean" in r for r in transitions[1:])
+    # Stage 1 binarizes the inputs of block 0 only; the final phase those of every layer.
+    assert len([k for k in transitions[0] if k.startswith("ones/")]) < len(
+        [k for k in transitions[-1] if k.startswith("ones/")]
+    )
+    # Switching block 0 to binary moves its BN statistics.
+    assert transitions[0]["bn_switch_dlogvar"] > 0.0
+
+
+def test_acts_first_per_stage_run(data_dir, tmp_path):
+    """Acts-first stage + per-stage learning rate end to end on the tiny config."""
+    cfg = tiny_config(data_dir, **{"schedule.acts_first_steps": 2, "optim.schedule": "per_stage"})
+    summary = train_and_evaluate(cfg, str(tmp_path))
+    assert summary["num_stages"] == 4
+    labels = [s["label"] for s in summary["stage_accuracy"]]
+    assert labels[0].startswith("stage 1/4 [inputs of") and labels[-1] == "final"
+    fp, sps, fin = cfg.fp.steps, cfg.schedule.steps_per_stage, cfg.schedule.final_steps
+    segments = [2, sps, sps, sps, fin]
+    lr = schedules.per_stage_schedule(
+        segments, cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.final_lr_fraction
+    )
+    qat_records = [r for r in _records(tmp_path, "train") if r["step"] > fp]
+    assert qat_records
+    for r in qat_records:
+        assert r["lr"] == pytest.approx(float(lr(r["step"] - 1 - fp)), rel=1e-6)
+    # A restart is visible: some logged lr is higher than the one logged before it.
+    lrs = [r["lr"] for r in qat_records]
+    assert any(b > a for a, b in zip(lrs, lrs[1:], strict=False))
+
+    def qstate_of(state):
+        out = {}
+        for name, node in state["state"]["qstate"].items():
+            for sub, leaf in [(None, node)] if "w_mode" in node else node.items():
+                path = (name,) if sub is None else (name, sub)
+                out[path] = (int(leaf["w_mode"]), int(leaf["a_mode"]))
+        return out
+
+    starts = [fp, fp + 2, fp + 2 + sps]  # the acts-first stage, block 0, block 1
+    assert set(starts) <= set(_steps(tmp_path))
+    acts, block0, block1 = (_restore(tmp_path, s) for s in starts)
+    modes = qstate_of(acts)
+    assert set(modes.values()) == {(0, 1)}  # every input binary, every weight FP
+    b0 = [p for p, m in qstate_of(block0).items() if m == (1, 1)]
+    assert b0 and all(p[0] == "block0" for p in b0)
+    assert all(m == (0, 1) for p, m in qstate_of(block0).items() if p not in b0)
+    # The acts-first stage set every threshold but calibrated no transform: a layer of block 1
+    # keeps its initial V0 = I until its own weight stage.
+    later = [p for p in modes if p[0] != "block0"]
+    for p in later:
+        v0 = _get(block0["state"]["calib"], (*p, "V0"))
+        np.testing.assert_array_equal(v0, np.broadcast_to(np.eye(v0.shape[-1]), v0.shape))
+    p = next(p for p in later if p[0] == "block1")
+    assert not np.allclose(
+        _get(block1["state"]["calib"], (*p, "V0")),
+        np.eye(_get(block1["state"]["calib"], (*p, "V0")).shape[-1]),
+    )
+    assert np.any(_get(acts["params"]["quant"], (*p, "tau")) != 0)

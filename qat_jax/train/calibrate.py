@@ -33,7 +33,13 @@ __all__ = [
     "reestimate_bn",
     "measure_bn_momentum",
     "binary_weights_and_error",
+    "activation_stats",
+    "bn_shift",
 ]
+
+# A channel whose binarized input is +1 less often than this (or -1 less often) is dead
+# (saturated): ``sign(x - tau)`` is (almost) constant there and carries no information.
+DEAD_FRACTION = 0.01
 
 
 def _set_qstate(state: dict, layers: Iterable[Path], name: str, value: int) -> dict:
@@ -85,7 +91,8 @@ def calibrate_layers(
       gamma: importance tempering exponent.
       tau_init: ``'mean'`` (per-channel input mean) or ``'zero'``.
       tau_layers: the layers whose threshold is initialised (default: ``layers``); a layer whose
-        input is already binary keeps its trained ``tau`` (ReActNet's second step).
+        input is already binary keeps its trained ``tau`` (ReActNet's second step). With
+        ``layers`` empty only the thresholds are set (a stage that binarizes inputs only).
     """
     if tau_init not in ("mean", "zero"):
         raise ValueError(f"quant.tau_init must be 'mean' or 'zero', got {tau_init!r}")
@@ -104,7 +111,7 @@ def calibrate_layers(
             tau = get_path(params, ("quant", *p, "tau"))
             params = set_path(params, ("quant", *p, "tau"), np.zeros_like(tau))
     hstate = hstate.replace(params=params)
-    if not qcfg.transform:
+    if not qcfg.transform or not layers:
         return hstate
 
     st = _set_qstate(dict(hstate.state), layers, "calib", 1)
@@ -226,3 +233,56 @@ def reestimate_bn(
     scale = 1.0 / (n * (1.0 - momentum))
     new_bs = jax.tree.map(lambda x: (x * scale).astype(np.float32), total)
     return hstate.replace(state={**hstate.state, "batch_stats": new_bs})
+
+
+def activation_stats(
+    hstate: TrainState, layers: Sequence[Path], calib_fn: Callable, batches: Iterable[np.ndarray]
+) -> dict:
+    """Per layer: how its input binarizes, ``sign(x - tau)``, on ``batches`` (diagnostics).
+
+    One pass of ``calib_fn`` (the pmapped :func:`qat_jax.train.steps.calib_step`) over the
+    current network. Returns ``{layer: {'ones': mean over channels of the fraction of +1,
+    'dead': channels with < 1 % of +1, 'saturated': channels with > 99 % of +1}}``.
+    """
+    if not layers:
+        return {}
+    stats = _sum_stats(calib_fn, parallel.replicate(hstate.variables), batches)
+    out = {}
+    for p in layers:
+        s = get_path(stats, p)
+        frac = np.asarray(s["pos_sum"], np.float64) / max(float(s["count"]), 1.0)
+        out[tuple(p)] = {
+            "ones": float(np.mean(frac)),
+            "dead": int(np.sum(frac < DEAD_FRACTION)),
+            "saturated": int(np.sum(frac > 1.0 - DEAD_FRACTION)),
+        }
+    return out
+
+
+def bn_shift(before: Mapping, after: Mapping, eps: float = 1e-5) -> dict:
+    """How far BN re-estimation moved the running statistics (diagnostics).
+
+    ``before``/``after``: ``batch_stats`` trees (each BN layer has ``mean`` and ``var``). Returns
+    ``dmean``: the mean over all BN channels of ``|mean_after - mean_before|``, and ``dlogvar``:
+    the mean of ``|log((var_after + eps) / (var_before + eps))|`` (``eps`` guards dead channels).
+    """
+    dmean, dlogvar = [], []
+
+    def walk(b, a):
+        if "mean" in b and "var" in b and not isinstance(b["mean"], Mapping):
+            dmean.append(np.abs(np.ravel(a["mean"]) - np.ravel(b["mean"])))
+            vb = np.ravel(b["var"]).astype(np.float64) + eps
+            va = np.ravel(a["var"]).astype(np.float64) + eps
+            dlogvar.append(np.abs(np.log(va / vb)))
+            return
+        for k, v in b.items():
+            if isinstance(v, Mapping):
+                walk(v, a[k])
+
+    walk(before, after)
+    if not dmean:
+        return {"dmean": 0.0, "dlogvar": 0.0}
+    return {
+        "dmean": float(np.mean(np.concatenate(dmean))),
+        "dlogvar": float(np.mean(np.concatenate(dlogvar))),
+    }

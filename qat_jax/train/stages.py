@@ -20,7 +20,12 @@ Stages are laid out on the global step axis: stage ``k`` covers
 ``[qat_start + k * steps_per_stage, qat_start + (k + 1) * steps_per_stage)``, then the final phase
 (everything binary) runs ``final_steps``. With ``total_stage_steps > 0`` the stages instead share
 that many steps (stage ``k`` starts at ``qat_start + k * total_stage_steps // num_stages``), which
-gives every granularity the same budget: how the comparison matches methods. The controller's record (which stage has been entered)
+gives every granularity the same budget: how the comparison matches methods.
+
+With ``acts_first_steps > 0`` an extra stage ``0`` of that many steps comes first (ReActNet's first
+step before BiTAT's): every layer's *input* becomes binary, every weight stays FP and trainable;
+the progressive weight stages follow as stages ``1..`` (their inputs already binary, their
+thresholds kept), then the final phase. The controller's record (which stage has been entered)
 is a small JSON dict saved with every checkpoint.
 """
 
@@ -55,6 +60,8 @@ class ScheduleConfig:
       train_transform: train ``P`` and ``rho`` (``False``: ``bitat_fixed``).
       final_train_latent: in the final phase keep layers binarizing with trainable latent ``W``
         (transforms frozen) and materialise at the end; default: everything frozen binary.
+      acts_first_steps: when > 0, one extra first stage of this many steps binarizes every
+        layer's input (weights FP and trainable) before the weight stages; 0: off.
     """
 
     granularity: str = "layer"
@@ -63,6 +70,7 @@ class ScheduleConfig:
     total_stage_steps: int = 0
     train_transform: bool = True
     final_train_latent: bool = False
+    acts_first_steps: int = 0
 
     def validate(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -81,6 +89,15 @@ class ScheduleConfig:
             )
         if int(self.final_steps) < 0:
             raise ValueError(f"schedule.final_steps must be >= 0, got {self.final_steps}")
+        if int(self.acts_first_steps) < 0:
+            raise ValueError(
+                f"schedule.acts_first_steps must be >= 0 (0: off), got {self.acts_first_steps}"
+            )
+        if int(self.acts_first_steps) and self.granularity == "two_step":
+            raise ValueError(
+                "schedule.acts_first_steps > 0 adds a binary-inputs stage that granularity "
+                "'two_step' already has: set one of them"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +130,18 @@ class StageController:
         self.layers: tuple[Path, ...] = tuple(tuple(p) for p, _ in layers)
         self.block_of: dict[Path, int] = {tuple(p): int(b) for p, b in layers}
         self.qat_start = int(qat_start)
-        self.stages = self._build_stages()
-        if int(cfg.total_stage_steps) and int(cfg.total_stage_steps) < len(self.stages):
+        # Stages before the weight stages: the acts-first stage (its own step budget).
+        self.lead = 1 if int(cfg.acts_first_steps) else 0
+        stages = self._build_stages()
+        if self.lead:
+            acts = Stage(0, self.layers, self.block_of[self.layers[-1]], (), weights=False)
+            stages = (acts, *(dataclasses.replace(s, index=s.index + 1) for s in stages))
+        self.stages = stages
+        n_shared = len(self.stages) - self.lead
+        if int(cfg.total_stage_steps) and int(cfg.total_stage_steps) < n_shared:
             raise ValueError(
                 f"schedule.total_stage_steps={cfg.total_stage_steps} is fewer than the "
-                f"{len(self.stages)} stages: every stage needs at least one step"
+                f"{n_shared} stages: every stage needs at least one step"
             )
         self.entered = FP_PHASE  # record: index of the last stage whose start was applied
 
@@ -170,10 +194,14 @@ class StageController:
 
     def stage_start(self, k: int) -> int:
         """Global step at which stage ``k`` (``k == num_stages``: the final phase) starts."""
+        if k < self.lead:  # the acts-first stage
+            return self.qat_start
+        base = self.qat_start + self.lead * int(self.cfg.acts_first_steps)
+        j, n = k - self.lead, self.num_stages - self.lead  # index among the shared stages
         total = int(self.cfg.total_stage_steps)
         if total:
-            return self.qat_start + (k * total) // self.num_stages
-        return self.qat_start + k * int(self.cfg.steps_per_stage)
+            return base + (j * total) // n
+        return base + j * int(self.cfg.steps_per_stage)
 
     @property
     def total_steps(self) -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from qat_jax.train import losses
+from qat_jax.train import losses, schedules
 from qat_jax.train.parallel import AXIS
 from qat_jax.train.state import TrainState
 
@@ -41,7 +41,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: LossConfig):
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    cfg: LossConfig,
+    lr_schedule: optax.Schedule | None = None,
+):
     """Build ``train_step(state, batch, rng, teacher) -> (state, metrics)`` (per device).
 
     * loss = CE (+ label smoothing) + ``kd_weight`` * KD(teacher) + ``info_weight`` * info loss;
@@ -51,7 +56,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Los
     * a step whose loss or gradients are not finite leaves the state unchanged and reports
       ``nonfinite = 1`` (the trainer stops at the next log);
     * the info-loss term is computed (and reported as ``info``) only when ``info_weight > 0``;
-      otherwise the metric is 0 and the binarizing layers skip its products with ``C``.
+      otherwise the metric is 0 and the binarizing layers skip its products with ``C``;
+    * diagnostics: ``grad_norm`` is the norm of the masked gradients (what the optimizer sees),
+      ``grad_norm_trainable`` / ``grad_norm_frozen`` split the device-averaged gradient *before*
+      the mask into its trainable (mask 1) and frozen (mask 0) leaves, so
+      ``trainable**2 + frozen**2`` is its squared norm; with ``lr_schedule`` (the schedule inside
+      ``tx``), ``lr`` is its value at the optimizer's count, the learning rate of this update.
 
     ``batch``: ``{'image': [b, H, W, C] float32, 'label': [b] int32}``. ``teacher``: FP variables
     of the teacher model, or ``None`` (then ``kd_weight`` must be 0).
@@ -98,6 +108,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Los
 
         grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
         grads = lax.pmean(grads, AXIS)
+        frozen_grads = jax.tree.map(lambda g, m: g * (1 - m).astype(g.dtype), grads, state.mask)
         grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, state.mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, state.mask)
@@ -117,6 +128,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Los
         )
         metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        # Diagnostics only: nothing above reads them.
+        metrics["grad_norm_trainable"] = optax.tree.norm(grads)
+        metrics["grad_norm_frozen"] = optax.tree.norm(frozen_grads)
+        if lr_schedule is not None:
+            count = schedules.schedule_count(state.opt_state)
+            metrics["lr"] = jnp.asarray(lr_schedule(count), jnp.float32)
         return new_state, metrics
 
     return train_step

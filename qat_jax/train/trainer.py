@@ -31,7 +31,7 @@ from qat_jax import interop
 from qat_jax import layers as qlayers
 from qat_jax import models as qmodels
 from qat_jax import summary as qsummary
-from qat_jax.train import calibrate, checkpoint, parallel, reporting, steps
+from qat_jax.train import calibrate, checkpoint, parallel, reporting, schedules, steps
 from qat_jax.train.methods import method_settings
 from qat_jax.train.stages import FP_PHASE, ScheduleConfig, StageController
 from qat_jax.train.state import TrainState, get_path, map_with_path, split_variables
@@ -75,6 +75,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             ".safetensors file, or --config.init=train_fp"
         )
     _fp_kinds(config)
+    if config.optim.get("schedule", "global") not in schedules.SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule must be one of {schedules.SCHEDULES}, got "
+            f"{config.optim.schedule!r}: set --config.optim.schedule"
+        )
     if settings.quantize:
         try:
             _schedule_config(config, settings).validate()
@@ -95,6 +100,7 @@ def _schedule_config(config, settings) -> ScheduleConfig:
         total_stage_steps=int(s.total_stage_steps),
         train_transform=settings.train_transform and bool(config.quant.train_transform),
         final_train_latent=bool(s.final_train_latent),
+        acts_first_steps=int(s.get("acts_first_steps", 0)),
     )
 
 
@@ -133,15 +139,8 @@ def build_model(config, num_classes: int, qcfg: qlayers.QuantConfig, bn_axis_nam
     )
 
 
-def _optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else cfg.learning_rate,
-        peak_value=cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.learning_rate * cfg.final_lr_fraction,
-    )
+def _optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Adam with the learning rate ``schedule`` (``qat_jax.train.schedules``), optional clip."""
     parts = []
     if cfg.grad_clip and cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -287,8 +286,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     total_steps = controller.total_steps if controller else fp_steps
     qat_steps = total_steps - fp_steps
-    tx_fp = _optimizer(config.fp, fp_steps)
-    tx_qat = _optimizer(config.optim, max(qat_steps, 1))
+    fp_cfg = config.fp
+    lr_fp = schedules.warmup_cosine(
+        fp_cfg.learning_rate, fp_cfg.warmup_steps, fp_cfg.final_lr_fraction, fp_steps
+    )
+    # optim.schedule: 'global' (one cosine over all QAT steps) or 'per_stage' (restarted).
+    lr_qat = schedules.qat_schedule(config.optim, controller, qat_steps)
+    tx_fp = _optimizer(fp_cfg, lr_fp)
+    tx_qat = _optimizer(config.optim, lr_qat)
 
     trainable, state_vars = split_variables(variables)
     # FP phase: latent weights, BN, stem and classifier train; quantizer variables do not.
@@ -310,9 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     fp_loss_cfg = dataclasses.replace(loss_cfg, kd_weight=0.0, info_weight=0.0)
     p_train_fp = parallel.pmap(
-        steps.make_train_step(model, tx_fp, fp_loss_cfg), donate_argnums=(0,)
+        steps.make_train_step(model, tx_fp, fp_loss_cfg, lr_fp), donate_argnums=(0,)
     )
-    p_train_qat = parallel.pmap(steps.make_train_step(model, tx_qat, loss_cfg), donate_argnums=(0,))
+    p_train_qat = parallel.pmap(
+        steps.make_train_step(model, tx_qat, loss_cfg, lr_qat), donate_argnums=(0,)
+    )
     run = _Run(
         config=config,
         workdir=workdir,
@@ -427,7 +434,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step += 1
         checkpoint.fault_point("step", step)  # test hook (SIGKILL tests), a no-op unless set
         if step % config.log_every == 0 or step == total_steps:
-            m = jax.tree.map(lambda *xs: float(np.mean(xs)), *parallel.to_host(acc_metrics))
+            host_metrics = parallel.to_host(acc_metrics)
+            m = jax.tree.map(lambda *xs: float(np.mean(xs)), *host_metrics)
+            m["lr"] = float(host_metrics[-1]["lr"])  # the logged step's, not the window's mean
             nonfinite = float(m["nonfinite"]) * len(acc_metrics)
             acc_metrics = []
             if nonfinite > 0:
@@ -577,6 +586,7 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
     c = run.controller
     cfg = run.config
     t0 = time.time()
+    diag: dict = {}  # diagnostics for the transition record (no effect on the state)
     for prev in range(c.entered, k):
         if prev >= 0:
             hstate = calibrate.materialize_layers(
@@ -585,7 +595,11 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
     if c.entered >= 0:
         # Accuracy after the previous stage (with its completed blocks materialised).
         hstate = calibrate.apply_modes(hstate, _modes_after(c, c.entered))
+        before = hstate.state.get("batch_stats", {})
         hstate = run.reestimate(hstate)
+        # Running statistics trained during the stage vs exact ones at its end.
+        shift = calibrate.bn_shift(before, hstate.state.get("batch_stats", {}))
+        diag.update({f"bn_stage_end_{name}": v for name, v in shift.items()})
         if cfg.stage_eval_examples != 0:
             ev = run.evaluate(hstate, eval_cfg)
             stage_acc.append({"label": c.describe(c.entered), "accuracy": ev["accuracy"]})
@@ -596,10 +610,12 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
             )
     if k < c.num_stages:
         # BN statistics are current here: re-estimated after the previous stage's last switch
-        # (just above, or before the FP evaluation when k == 0).
+        # (just above, or before the FP evaluation when k == 0). A stage that binarizes inputs
+        # only sets thresholds: its layers' transforms are calibrated when their weights are.
+        stage = c.stages[k]
         hstate = calibrate.calibrate_layers(
             hstate,
-            c.stages[k].layers,
+            stage.layers if stage.weights else (),
             run.calib_fn,
             lambda: run.calib_pool[: int(cfg.schedule.calib_batches)],
             run.qcfg,
@@ -608,11 +624,35 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
             tau_layers=[p for p in c.stages[k].layers if p in c.new_binary_inputs(k)],
         )
     hstate = calibrate.apply_modes(hstate, c.modes(k))
+    before = hstate.state.get("batch_stats", {})
     hstate = run.reestimate(hstate)
+    # What switching the modes of stage k did to the BN statistics.
+    shift = calibrate.bn_shift(before, hstate.state.get("batch_stats", {}))
+    diag.update({f"bn_switch_{name}": v for name, v in shift.items()})
+    if cfg.log_layer_metrics:
+        diag.update(_activation_metrics(run, hstate, c, k))
     hstate = hstate.replace(mask=c.mask(k, hstate.params))
     c.entered = k
-    run.reporter.write(int(hstate.step), "transition", {"stage": k, "seconds": time.time() - t0})
+    record = {"stage": k, "seconds": time.time() - t0, **diag}
+    run.reporter.write(int(hstate.step), "transition", record)
     return _host(hstate)
+
+
+def _activation_metrics(run: _Run, hstate, c: StageController, k: int) -> dict:
+    """Per layer with a binary input in stage ``k``: its share of +1 after ``sign(x - tau)`` on
+    the calibration batches (``ones/<layer>``) and its dead / saturated channel counts."""
+    binary_in = [p for p, (_, a) in c.modes(k).items() if a == 1]
+    batches = run.calib_pool[: int(run.config.schedule.calib_batches)]
+    stats = calibrate.activation_stats(hstate, binary_in, run.calib_fn, batches)
+    out = {}
+    for p, st in stats.items():
+        name = "/".join(p)
+        out[f"ones/{name}"] = st["ones"]
+        out[f"dead/{name}"] = st["dead"]
+        out[f"saturated/{name}"] = st["saturated"]
+    out["dead_channels"] = sum(st["dead"] for st in stats.values())
+    out["saturated_channels"] = sum(st["saturated"] for st in stats.values())
+    return out
 
 
 def _modes_after(c: StageController, k: int):
