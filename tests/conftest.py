@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -40,6 +41,30 @@ from qat_jax.hostenv import tune_host  # noqa: E402
 tune_host()  # XLA:CPU steps page-fault far less (qat_jax/hostenv.py); before the backend starts
 
 N_DEVICES = 8
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, the long chains of one xdist group (a run shared by several tests)
+    before them: with ``--dist loadgroup`` the two workers then take the long work first and
+    the many short tests fill the end, instead of one worker finishing a long test alone."""
+
+    def rank(item):
+        if item.get_closest_marker("xdist_group"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable: file order within each rank
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+    """A TFDS data dir with Fashion-MNIST prepared from Debian's files, once per test run (shared
+    by the xdist workers; read-only for the tests that use it)."""
+    import subprocess_runs
+
+    if not os.path.isdir(subprocess_runs.FASHION):
+        pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it)")
+    return subprocess_runs.session_dirs(tmp_path_factory)[1]
 
 
 @pytest.fixture
@@ -110,6 +135,9 @@ def pytest_unconfigure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("QAT_JAX_CI_START", "").isdigit():  # set by .ci/run
+        elapsed = time.time() - int(os.environ["QAT_JAX_CI_START"])
+        terminalreporter.write_sep("=", f".ci/run so far: {elapsed:.0f} s (install, lint, tests)")
     if not _COMPILE_SECONDS:
         return
     total = sum(_COMPILE_SECONDS.values())

@@ -28,6 +28,7 @@ def bench_step():
     return _load("bench_step")
 
 
+@pytest.mark.slow
 def test_stage_switches_reuse_the_compiled_step(bench_step):
     setup = bench_step.load_setup("tiny")
     setup.config.model.inverted_residual_setting = ((1, 8, 1, 1),)  # one block + head: 2 stages

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from qat_jax import comparison
-from qat_jax.data import prepare
 from qat_jax.train.config_files import load_config_file
 from qat_jax.train.methods import METHODS, method_settings
 
@@ -77,10 +76,12 @@ def test_bad_comparison_configs_are_rejected(tmp_path, field, value, match):
         comparison.run_configs(c, str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="needs Debian's dataset-fashion-mnist")
-def test_runner_writes_results_and_resumes_without_rerunning(tmp_path, monkeypatch):
-    data_dir = tmp_path / "tfds"
-    prepare("fashion_mnist", FASHION, str(data_dir))
+def test_runner_writes_results_and_resumes_without_rerunning(
+    tmp_path, monkeypatch, fashion_mnist_dir
+):
+    data_dir = fashion_mnist_dir
     c = _compare_config(data_dir, ["xnor", "bitat"])
     work = tmp_path / "cmp"
     rows = comparison.run_comparison(c, str(work), log=lambda *_: None)

@@ -12,10 +12,13 @@ from qat_jax import data
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(DEBIAN_DIR, "t10k-labels-idx1-ubyte.gz")),
-    reason="Debian package dataset-fashion-mnist is not installed",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.isfile(os.path.join(DEBIAN_DIR, "t10k-labels-idx1-ubyte.gz")),
+        reason="Debian package dataset-fashion-mnist is not installed",
+    ),
+]
 
 
 @pytest.fixture(scope="session")

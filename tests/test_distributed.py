@@ -118,6 +118,7 @@ def test_jax_errors_become_one_clear_error():
         D.initialize(plan, initialize_fn=boom)
 
 
+@pytest.mark.slow
 @needs_data
 def test_missing_peer_fails_fast_with_a_clear_message(tmp_path_factory, tmp_path):
     _, data, cache = R.session_dirs(tmp_path_factory)
@@ -140,6 +141,8 @@ def test_missing_peer_fails_fast_with_a_clear_message(tmp_path_factory, tmp_path
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("subprocess_runs")
 @needs_data
 def test_two_processes_match_one_process_with_four_devices(tmp_path_factory, tmp_path):
     """2 processes x 2 devices continue the 8-device checkpoint like 1 process x 4 devices.

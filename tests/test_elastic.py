@@ -16,9 +16,13 @@ import pytest
 import subprocess_runs as R
 from numerics import PARAM_REL, assert_close_to_scale
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(R.FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("subprocess_runs"),
+    pytest.mark.skipif(
+        not os.path.isdir(R.FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)"
+    ),
+]
 
 
 @pytest.mark.parametrize("devices", [1, 4])

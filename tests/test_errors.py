@@ -29,6 +29,7 @@ def _last_error_line(p):
 # The CLI on bad input: exit 2, one line, nothing computed or written.
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize(
     "flags, match",
@@ -53,6 +54,7 @@ def test_bad_config_exits_before_compute(tmp_path_factory, tmp_path, flags, matc
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
+@pytest.mark.slow
 @needs_data
 def test_missing_dataset_names_the_prepare_command(tmp_path_factory, tmp_path):
     _, _, cache = R.session_dirs(tmp_path_factory)
@@ -66,6 +68,7 @@ def test_missing_dataset_names_the_prepare_command(tmp_path_factory, tmp_path):
     assert "fashion_mnist is not prepared" in line and "python -m qat_jax.data.prepare" in line
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_partial_dataset_fails_before_compute(tmp_path_factory, tmp_path, damage):
@@ -116,6 +119,7 @@ def _poison_checkpoint(workdir, step):
     mgr.close()
 
 
+@pytest.mark.slow
 @needs_data
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path_factory, tmp_path):
     """A NaN weight makes step 13's loss NaN: the step is skipped and, with a checkpoint due after

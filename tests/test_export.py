@@ -21,7 +21,6 @@ from numerics import assert_logits_match
 from qat_jax import data as qdata
 from qat_jax import export, interop, ops
 from qat_jax import layers as qlayers
-from qat_jax.data import prepare
 from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
 from qat_jax.models.resnet import ResNet
 from qat_jax.train import train_and_evaluate
@@ -120,6 +119,7 @@ def _node(tree, path):
     return tree
 
 
+@pytest.mark.slow
 def test_packed_resnet_matches_model_apply(tmp_path, rng):
     model = ResNet(
         stage_sizes=(1, 1),
@@ -159,6 +159,7 @@ def test_packed_resnet_matches_model_apply(tmp_path, rng):
 # --- a MobileNetV2 with a real-valued shortcut around every binary conv ------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modes, rprelu", [("binary", False), ("binary", True), ("fp", False)])
 def test_packed_shortcut_mobilenetv2_matches_model_apply(tmp_path, rng, modes, rprelu):
     # stem 8; block0 t=1 (8 -> 8); block1 8 -> 48 -> 8 stride 2 (on 15x15: odd pool); block2 the
@@ -199,7 +200,7 @@ def test_packed_shortcut_mobilenetv2_matches_model_apply(tmp_path, rng, modes, r
     x = rng.normal(size=(4, 15, 15, 3)).astype(np.float32)
     want = np.asarray(jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, x))
     got = packed(x)
-    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
+    assert_logits_match(got, want, LOGIT_RTOL)
     # The same variables without the shortcut give another function (the op matters).
     plain = model.clone(binary_shortcut=False)
     other = np.asarray(jax.jit(lambda v, z: plain.apply(v, z, train=False))(variables, x))
@@ -225,12 +226,9 @@ def _tiny_config(data_dir, init):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    if not os.path.isdir(FASHION):
-        pytest.skip("needs Debian's dataset-fashion-mnist (CI installs it)")
+def tiny_run(tmp_path_factory, fashion_mnist_dir):
     root = tmp_path_factory.mktemp("export_run")
-    data_dir = os.path.join(root, "tfds")
-    prepare("fashion_mnist", FASHION, data_dir)
+    data_dir = fashion_mnist_dir
     # The FP start: a torchvision-layout .safetensors file (config.init), written from a fresh
     # model, so no FP phase is trained here.
     init_path = os.path.join(root, "fp_init.safetensors")
@@ -243,6 +241,8 @@ def tiny_run(tmp_path_factory):
     return workdir, summary, data_dir, fp
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export_tiny_run")
 def test_run_started_from_safetensors_and_wrote_model_summary(tiny_run):
     workdir, summary, _, fp = tiny_run
     with ocp.StandardCheckpointer() as ck:
@@ -256,6 +256,8 @@ def test_run_started_from_safetensors_and_wrote_model_summary(tiny_run):
     assert summary["w1a1_accuracy"] is not None
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export_tiny_run")
 def test_export_cli_writes_packed_file_without_latent_weights(tiny_run, tmp_path):
     workdir, _, _, _ = tiny_run
     out = os.path.join(tmp_path, "model.qat")
@@ -315,6 +317,8 @@ def _read_by_the_doc(path):
     return version, header, tensors
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export_tiny_run")
 def test_packed_forward_reproduces_eval_logits_on_the_test_split(tiny_run, tmp_path):
     workdir, summary, data_dir, _ = tiny_run
     path = os.path.join(tmp_path, "tiny.qat")

@@ -453,6 +453,7 @@ def test_conv_impl_cpu_matches_xla(small_mbv2, x_input):
     assert_logits_match(outs["cpu"][1], outs["xla"][1], 10 * MODEL_REL, err_msg="binary")
 
 
+@pytest.mark.slow
 def test_binarizing_mode_has_finite_gradients(x_input):
     model = MobileNetV2(**{**SMALL_KW, "inverted_residual_setting": SMALL_SETTING[:2]})
     variables = models.init_variables(model, jax.random.PRNGKey(2), (1, *X_SHAPE[1:]))

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import subprocess_runs as R
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(R.FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("subprocess_runs"),
+    pytest.mark.skipif(
+        not os.path.isdir(R.FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)"
+    ),
+]
 
 INTERVAL = 4  # --config.checkpoint_every of R.TINY_FLAGS
 

@@ -204,6 +204,7 @@ def _param_count(variables):
 # --- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mobilenetv2_imagenet_from_pth_matches_torch(tmp_path, rng):
     tmod = randomize(
         TorchMobileNetV2(
@@ -238,6 +239,7 @@ def test_mobilenetv2_imagenet_from_pth_matches_torch(tmp_path, rng):
             np.testing.assert_array_equal(back[k], v.numpy())
 
 
+@pytest.mark.slow
 def test_resnet18_from_safetensors_matches_torch(tmp_path, rng):
     from safetensors.torch import save_file
 

@@ -18,6 +18,11 @@ from qat_jax.train.stages import ScheduleConfig, StageController
 from qat_jax.train.state import TrainState, map_with_path, set_path, split_variables
 
 SETTING = ((1, 8, 1, 1), (2, 8, 1, 2))
+# Tests of the step's mechanics (device parity, freezing, the NaN guard, metrics) that do not
+# need the transform run the binarizing branch without it: it halves the step's XLA compile
+# (the Cayley solves in every layer's branches dominate it), and the transform's own gradients
+# are tested in test_kd_and_info_terms_add_their_gradients and tests/test_layers.py.
+NO_TRANSFORM = QuantConfig(transform=False)
 
 
 def _model(**kw):
@@ -80,6 +85,7 @@ def _grads(model, state, batch, cfg, teacher=None):
     return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b)[0], st.params, new.params)
 
 
+@pytest.mark.slow
 def test_kd_and_info_terms_add_their_gradients():
     model = _model()
     state, _ = _state(model, optax.sgd(1.0))
@@ -103,9 +109,11 @@ def test_kd_and_info_terms_add_their_gradients():
             return jnp.mean(losses.distillation(logits, t_logits, 2.0))
         return losses.info_loss(new["losses"])
 
-    d_kd = jax.grad(term_local)(state.params, "kd")
-    d_info = jax.grad(term_local)(state.params, "info")
-    info_value = float(term_local(state.params, "info"))
+    # Jitted: one compile each instead of one per primitive of an eager grad.
+    grad_local = jax.jit(jax.grad(term_local), static_argnums=1)
+    d_kd = grad_local(state.params, "kd")
+    d_info = grad_local(state.params, "info")
+    info_value = float(jax.jit(term_local, static_argnums=1)(state.params, "info"))
     assert info_value > 0.05  # binarizing layers have a real binarization error
 
     for got, base, extra, w in ((g_kd, g_ce, d_kd, 0.7), (g_info, g_ce, d_info, 0.3)):
@@ -126,11 +134,12 @@ def test_kd_and_info_terms_add_their_gradients():
     assert float(np.abs(d_info["quant"]["block0"]["depthwise"]["rho"]).max()) > 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binarize", [False, True])
 def test_pmapped_step_matches_one_device(binarize):
     """8 devices x 2 examples == 1 device x 16 examples (BN statistics synchronised)."""
     assert jax.local_device_count() >= 8
-    model = _model()
+    model = _model(quant=NO_TRANSFORM)
     # SGD: Adam's normalisation would amplify float rounding of near-zero gradients.
     tx = optax.sgd(0.1, momentum=0.9)
     state, _ = _state(model, tx, binarize=binarize)
@@ -167,8 +176,9 @@ def test_pmapped_step_matches_one_device(binarize):
             assert_close_to_scale(a, b, 1e-4, scale=scale)
 
 
+@pytest.mark.slow
 def test_mask_freezes_leaves_bit_exactly_under_adam():
-    model = _model()
+    model = _model(quant=NO_TRANSFORM)
     tx = optax.adam(1e-1)
     state, layers = _state(model, tx)
     ctrl = StageController([(q.path, q.block_id) for q in layers], ScheduleConfig("layer", 1), 0)
@@ -195,8 +205,9 @@ def test_mask_freezes_leaves_bit_exactly_under_adam():
     assert not np.array_equal(get(before, live_kernel), get(after, live_kernel))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_state_unchanged():
-    model = _model()
+    model = _model(quant=NO_TRANSFORM)
     tx = optax.adam(1e-2)
     state, _ = _state(model, tx)
     fn = _pmapped(steps.make_train_step(model, tx, steps.LossConfig()), 1)
@@ -214,6 +225,7 @@ def test_quant_config_is_static_and_hashable():
         QuantConfig().transform = False  # type: ignore[misc]
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
     """``model.dtype=bfloat16``: convolutions compute in bfloat16, while parameters, optimizer
     state and BN statistics stay float32 through a BiTAT step, which tracks the float32 step."""
@@ -228,8 +240,10 @@ def test_bfloat16_compute_keeps_float32_master_weights():
             conv_dtypes.append(out.dtype)
         return out
 
-    with nn.intercept_methods(record):
-        logits = models["bf16"].apply(state.variables, _batch(2)["image"], train=False)
+    with nn.intercept_methods(record):  # records at trace time: dtypes are static
+        logits = jax.jit(lambda v, x: models["bf16"].apply(v, x, train=False))(
+            state.variables, _batch(2)["image"]
+        )
     assert set(conv_dtypes) == {jnp.dtype(jnp.bfloat16)} and logits.dtype == jnp.float32
 
     out = {}
@@ -253,6 +267,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert max(moved) > 1e-4
 
 
+@pytest.mark.slow
 def test_grad_norm_split_and_lr_metrics_leave_the_update_alone():
     """``grad_norm_trainable``/``grad_norm_frozen`` split the unmasked gradient by the mask
     (``trainable**2 + frozen**2`` = its squared norm, computed with an all-ones mask), the
@@ -260,12 +275,12 @@ def test_grad_norm_split_and_lr_metrics_leave_the_update_alone():
     optimizer's count."""
     from qat_jax.train import schedules
 
-    model = _model()
+    model = _model(quant=NO_TRANSFORM)
     sched = schedules.per_stage_schedule([1, 2], 0.05, 0, 0.1)
     tx = optax.sgd(sched)
     state, layers = _state(model, tx)
     ctrl = StageController([(q.path, q.block_id) for q in layers], ScheduleConfig("layer", 1), 0)
-    stage_mask = ctrl.mask(1, state.params)  # freezes layer 0's kernel and every later P/rho
+    stage_mask = ctrl.mask(1, state.params)  # freezes layer 0's kernel
     fn = _pmapped(steps.make_train_step(model, tx, steps.LossConfig(), sched), 1)
     batch, key = _split(_batch(8), 1), _rep(jax.random.PRNGKey(0), 1)
 
@@ -302,10 +317,11 @@ def test_grad_norm_split_and_lr_metrics_leave_the_update_alone():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_activation_stats_count_ones_dead_and_saturated_channels():
     from qat_jax.train import calibrate, parallel
 
-    model = _model()
+    model = _model(quant=NO_TRANSFORM)
     state, layers = _state(model, optax.sgd(0.1))
     path = layers[1].path  # block 0's second layer: its input comes from a ReLU6
     tau = np.full_like(np.asarray(state.params["quant"][path[0]][path[1]]["tau"]), 0.3)
@@ -324,7 +340,7 @@ def test_activation_stats_count_ones_dead_and_saturated_channels():
             seen.append(np.asarray(args[0]))
         return next_fun(*args, **kwargs)
 
-    local = _model().clone(bn_axis_name=None)
+    local = _model(quant=NO_TRANSFORM).clone(bn_axis_name=None)
     with nn.intercept_methods(capture):
         for x in images:
             local.apply(state.variables, x.reshape(-1, 16, 16, 1), train=False)

@@ -10,15 +10,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qat_jax import transform
-from qat_jax.data import prepare
 from qat_jax.train import ConfigError, schedules, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.isdir(FASHION), reason="needs Debian's dataset-fashion-mnist (CI installs it)"
+    ),
+]
 
 
 def tiny_config(data_dir, **overrides):
@@ -38,10 +40,8 @@ def tiny_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    prepare("fashion_mnist", FASHION, str(d))
-    return d
+def data_dir(fashion_mnist_dir):
+    return fashion_mnist_dir
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def _get(tree, path):
     return np.asarray(tree)
 
 
+@pytest.mark.xdist_group("trainer_full_run")
 def test_whole_schedule_writes_outputs(full_run):
     workdir, summary = full_run
     assert summary["num_stages"] == 3  # two blocks + head conv, block granularity
@@ -91,6 +92,7 @@ def test_whole_schedule_writes_outputs(full_run):
     assert any(k.startswith("binerr/") for k in layer_keys)
 
 
+@pytest.mark.xdist_group("trainer_full_run")
 def test_frozen_weights_and_materialised_blocks_stay_bit_identical(full_run):
     workdir, _ = full_run
     cfg = tiny_config("unused")
@@ -128,6 +130,7 @@ def test_frozen_weights_and_materialised_blocks_stay_bit_identical(full_run):
             assert set(np.unique(b)) <= {-1, 1}
 
 
+@pytest.mark.xdist_group("trainer_full_run")
 def test_trained_transforms_stay_orthonormal_and_moved(full_run):
     workdir, _ = full_run
     final = _restore(workdir, _steps(workdir)[-1])
@@ -143,6 +146,7 @@ def test_trained_transforms_stay_orthonormal_and_moved(full_run):
     assert moved > 0.0  # the task loss did train P
 
 
+@pytest.mark.xdist_group("trainer_full_run")
 def test_resume_mid_stage_is_bit_identical(full_run, data_dir, tmp_path):
     workdir_full, _ = full_run
     cfg = tiny_config(data_dir)
@@ -183,6 +187,7 @@ def _records(workdir, kind):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+@pytest.mark.xdist_group("trainer_full_run")
 def test_diagnostics_are_logged(full_run):
     """``lr`` is the schedule's value at each logged step (FP and the global QAT cosine), the
     gradient split adds up, and every stage boundary reports BN shifts and activation shares."""
