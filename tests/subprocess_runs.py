@@ -172,6 +172,13 @@ def _once(path: str, build) -> str:
     return path
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """``<run base>/<name>``, made by ``build(dir)`` once per test run whichever worker asks first
+    (the other waits for it): for expensive in-process runs that several tests read."""
+    base, _, _ = session_dirs(tmp_path_factory)
+    return _once(os.path.join(base, name), build)
+
+
 def reference_run(tmp_path_factory) -> str:
     """Workdir of the uninterrupted tiny run on 8 devices."""
     base, data, cache = session_dirs(tmp_path_factory)

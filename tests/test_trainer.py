@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import subprocess_runs as R
 
 from qat_jax import transform
 from qat_jax.train import ConfigError, schedules, train_and_evaluate
@@ -44,11 +45,17 @@ def data_dir(fashion_mnist_dir):
     return fashion_mnist_dir
 
 
-@pytest.fixture(scope="module")
-def full_run(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("full")
-    summary = train_and_evaluate(tiny_config(data_dir), str(workdir))
-    return workdir, summary
+@pytest.fixture(scope="session")
+def full_run(fashion_mnist_dir, tmp_path_factory):
+    """The tiny run every test of the schedule reads: trained once per test run (shared by the
+    xdist workers through the file system)."""
+    w = R.built_once(
+        tmp_path_factory,
+        "trainer_full_run",
+        lambda d: train_and_evaluate(tiny_config(fashion_mnist_dir), d),
+    )
+    with open(os.path.join(w, "summary.json")) as f:
+        return w, json.load(f)
 
 
 def _restore(workdir, step):
@@ -68,7 +75,6 @@ def _get(tree, path):
     return np.asarray(tree)
 
 
-@pytest.mark.xdist_group("trainer_full_run")
 def test_whole_schedule_writes_outputs(full_run):
     workdir, summary = full_run
     assert summary["num_stages"] == 3  # two blocks + head conv, block granularity
@@ -92,7 +98,6 @@ def test_whole_schedule_writes_outputs(full_run):
     assert any(k.startswith("binerr/") for k in layer_keys)
 
 
-@pytest.mark.xdist_group("trainer_full_run")
 def test_frozen_weights_and_materialised_blocks_stay_bit_identical(full_run):
     workdir, _ = full_run
     cfg = tiny_config("unused")
@@ -130,7 +135,6 @@ def test_frozen_weights_and_materialised_blocks_stay_bit_identical(full_run):
             assert set(np.unique(b)) <= {-1, 1}
 
 
-@pytest.mark.xdist_group("trainer_full_run")
 def test_trained_transforms_stay_orthonormal_and_moved(full_run):
     workdir, _ = full_run
     final = _restore(workdir, _steps(workdir)[-1])
@@ -146,7 +150,6 @@ def test_trained_transforms_stay_orthonormal_and_moved(full_run):
     assert moved > 0.0  # the task loss did train P
 
 
-@pytest.mark.xdist_group("trainer_full_run")
 def test_resume_mid_stage_is_bit_identical(full_run, data_dir, tmp_path):
     workdir_full, _ = full_run
     cfg = tiny_config(data_dir)
@@ -187,7 +190,6 @@ def _records(workdir, kind):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-@pytest.mark.xdist_group("trainer_full_run")
 def test_diagnostics_are_logged(full_run):
     """``lr`` is the schedule's value at each logged step (FP and the global QAT cosine), the
     gradient split adds up, and every stage boundary reports BN shifts and activation shares."""
