@@ -5,10 +5,11 @@ of machine load hits every variant alike:
 
 * the median wall time of one pmapped train step (the trainer's step: ``make_train_step`` under
   ``jax.pmap`` with the state donated) for ``fp`` (the FP phase: cross-entropy only), ``xnor``
-  (every layer binarizing, ``C = I``, KD from the teacher) and ``bitat`` at chosen stages of the
-  block schedule (``stage k``: block ``k`` binarizing with its trainable transform, the blocks
-  below frozen binary, the rest FP) and in the final phase (everything frozen binary); the ratios
-  ``bitat/xnor`` and ``xnor/fp``;
+  (every layer binarizing, ``C = I``, straight-through activation gradient, KD from the teacher)
+  and ``bitat`` at chosen stages of the block schedule (``stage k``: block ``k`` binarizing with
+  its trainable transform, the blocks below frozen binary, the rest FP) and in the final phase
+  (everything frozen binary); the ratios ``bitat/xnor`` and ``xnor/fp``. Each method runs with the
+  trainer's settings of that method (``method_setup``);
 * XLA compiles (count, seconds; ``jax.monitoring`` backend-compile events) of the first call of
   each variant: a stage switch changes only data (modes, masks), so it must compile nothing;
 * per stage: the wall time (and compiles) of calibration (``calibrate_layers``), of materialising
@@ -30,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -101,17 +103,40 @@ def load_setup(name: str, batch_size: int | None = None) -> Setup:
     return Setup(name, config, bs, classes, shape)
 
 
-def _quant_config(config, method: str):
-    from qat_jax import layers as qlayers
+@dataclasses.dataclass
+class MethodSetup:
+    """What the trainer derives from a config for one method (``method_setup``)."""
+
+    config: object  # the setup's config with ``method`` set to this method
+    settings: object  # qat_jax.train.methods.MethodSettings
+    quant: object  # qat_jax.layers.QuantConfig
+    schedule: object  # qat_jax.train.stages.ScheduleConfig, one step per stage
+
+
+def method_setup(config, method: str) -> MethodSetup:
+    """``method`` on ``config`` exactly as the trainer sets it up (``qat_jax/train/trainer.py``).
+
+    The quant config (transform, activation gradient, weight clip), the schedule (granularity,
+    transform training) and, through ``config.method``, the model options of ``build_model``
+    (RPReLU, shortcut) come from the trainer's own functions; only the step counts of the
+    schedule are the benchmark's (one step per stage and in the final phase).
+    """
+    from qat_jax.train import trainer
     from qat_jax.train.methods import method_settings
 
-    s = method_settings(method)
-    clip = config.quant.weight_clip
-    return qlayers.QuantConfig(
-        transform=s.transform,
-        weight_clip=None if clip is None or clip <= 0 else float(clip),
-        act_grad=config.quant.act_grad,
+    settings = method_settings(method)
+    mcfg = copy.deepcopy(config)
+    mcfg.method = method  # build_model reads the method's model options from config.method
+    # The trainer's private helpers (qat_jax.comparison uses them too); no public name yet.
+    sched = trainer._schedule_config(mcfg, settings)
+    sched = dataclasses.replace(
+        sched,
+        steps_per_stage=1,
+        final_steps=1,
+        total_stage_steps=0,
+        acts_first_steps=min(sched.acts_first_steps, 1),
     )
+    return MethodSetup(mcfg, settings, trainer._quant_config(mcfg, settings), sched)
 
 
 class Bench:
@@ -124,10 +149,9 @@ class Bench:
 
         from qat_jax import models as qmodels
         from qat_jax.train import parallel, steps
-        from qat_jax.train.methods import method_settings
-        from qat_jax.train.stages import ScheduleConfig, StageController
+        from qat_jax.train.stages import StageController
         from qat_jax.train.state import TrainState, map_with_path, split_variables
-        from qat_jax.train.trainer import build_model
+        from qat_jax.train.trainer import binary_layers, build_model
 
         self.setup = setup
         cfg = setup.config
@@ -152,9 +176,9 @@ class Bench:
         tx = optax.chain(optax.adam(1e-4))
         self.methods = tuple(methods)
         for method in self.methods:
-            settings = method_settings(method)
-            qcfg = _quant_config(cfg, method)
-            model = build_model(cfg, setup.num_classes, qcfg, bn_axis_name=parallel.AXIS)
+            ms = method_setup(cfg, method)
+            settings, qcfg = ms.settings, ms.quant
+            model = build_model(ms.config, setup.num_classes, qcfg, bn_axis_name=parallel.AXIS)
             variables = qmodels.init_variables(
                 model, jax.random.PRNGKey(seed), (1, *setup.image_shape)
             )
@@ -170,15 +194,15 @@ class Bench:
             self.qcfgs[method] = qcfg
             self.states[method] = jax.tree.map(np.asarray, jax.device_get(hstate))
             if settings.quantize:
-                layers = [(q.path, q.block_id) for q in qmodels.quantizable_layers(variables)]
-                sched = ScheduleConfig(
-                    granularity=settings.granularity or cfg.schedule.granularity,
-                    steps_per_stage=1,
-                    final_steps=1,
-                    train_transform=settings.train_transform,
-                )
-                self.controllers[method] = StageController(layers, sched)
-            lc = loss if settings.quantize else dataclasses.replace(loss, kd_weight=0.0)
+                qlayer_list = binary_layers(ms.config, qmodels.quantizable_layers(variables))
+                layers = [(q.path, q.block_id) for q in qlayer_list]
+                self.controllers[method] = StageController(layers, ms.schedule)
+            # The FP phase: cross-entropy only, as the trainer's.
+            lc = (
+                loss
+                if settings.quantize
+                else dataclasses.replace(loss, kd_weight=0.0, info_weight=0.0)
+            )
             self.steps_fn[method] = parallel.pmap(
                 steps.make_train_step(model, tx, lc), donate_argnums=(0,)
             )

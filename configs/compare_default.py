@@ -1,4 +1,5 @@
-"""The default comparison: every method of METHOD.md s. 7 on the default job, three seeds.
+"""The default comparison: every method of docs/method.md ('Methods sharing the code') on the
+default job, three seeds.
 
 ``python -m qat_jax.compare --config=configs/compare_default.py --workdir=runs/compare``
 

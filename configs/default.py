@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.info_weight = 0.0
 
     c.quant = ml_collections.ConfigDict()
-    c.quant.gamma = 0.25  # importance tempering exponent (METHOD.md s. 3)
+    c.quant.gamma = 0.25  # importance tempering exponent (docs/method.md, 'The transform')
     c.quant.weight_clip = 3.0  # STE clip relative to the row rms of W C (<= 0: no clip)
     c.quant.act_grad = "approx"  # 'approx' (ApproxSign) | 'ste'
     c.quant.tau_init = "mean"  # 'mean' | 'zero'

@@ -1,4 +1,6 @@
-"""Importance-aware binarization of a weight matrix under a correlation metric (METHOD.md s. 4).
+"""Importance-aware binarization of a weight matrix under a correlation metric.
+
+See docs/method.md, 'Importance-aware binarization'.
 
 A layer's output error for a binary kernel ``W_hat = diag(alpha) B`` is
 ``E||(W - W_hat) x||^2 = tr((W - W_hat) C (W - W_hat)^T)`` with ``C = E[x x^T]``. qat_jax uses:

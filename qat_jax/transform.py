@@ -1,4 +1,5 @@
-"""The input-dependent, task-trained orthonormal transform of a layer (METHOD.md section 3).
+"""The input-dependent, task-trained orthonormal transform of a layer (docs/method.md,
+'The transform').
 
 For a layer with input patches ``x`` of dimension ``d`` (im2col order, see :mod:`qat_jax.ops`):
 

@@ -2,14 +2,19 @@
 
 The benchmarks are not tests (no timings are asserted); what is asserted here is behaviour they
 report: a stage switch of the progressive schedule changes only data, so the compiled train step
-is reused (zero compiles), and every function ``bench_run.py`` wraps still exists.
+is reused (zero compiles), every method runs with the trainer's settings of that method, and every
+function ``bench_run.py`` wraps still exists.
 """
 
+import copy
 import importlib.util
 import os
 import sys
 
 import pytest
+
+from qat_jax.train import trainer
+from qat_jax.train.methods import METHODS, method_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +57,32 @@ def test_bench_run_wraps_existing_functions():
     bench_run = _load("bench_run")
     for owner, attr, _part in bench_run.targets():
         assert callable(getattr(owner, attr)), (owner, attr)
+
+
+@pytest.mark.parametrize("setup_name", ["default", "mnv2_c100"])
+def test_methods_are_set_up_as_the_trainer_does(bench_step, setup_name):
+    """Per method: the trainer's quant config, schedule and model options (no compile)."""
+    setup = bench_step.load_setup(setup_name)
+    method_before = setup.config.method
+    for method in METHODS:
+        settings = method_settings(method)
+        cfg = copy.deepcopy(setup.config)
+        cfg.method = method
+        ms = bench_step.method_setup(setup.config, method)
+        assert ms.settings == settings, method
+        assert ms.config.method == method
+        assert ms.quant == trainer._quant_config(cfg, settings), method
+        sched = trainer._schedule_config(cfg, settings)
+        assert ms.schedule.granularity == sched.granularity, method
+        assert ms.schedule.train_transform == sched.train_transform, method
+        assert ms.schedule.final_train_latent == sched.final_train_latent, method
+        bench_model = trainer.build_model(ms.config, setup.num_classes, ms.quant)
+        model = trainer.build_model(cfg, setup.num_classes, ms.quant)
+        for option in ("rprelu", "binary_shortcut"):
+            assert getattr(bench_model, option, None) == getattr(model, option, None), (
+                method,
+                option,
+            )
+    assert setup.config.method == method_before  # the setup's config is not changed
+    # The regression this guards: the benchmark's xnor used the config's ApproxSign gradient.
+    assert bench_step.method_setup(setup.config, "xnor").quant.act_grad == "ste"

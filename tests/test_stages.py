@@ -1,4 +1,5 @@
-"""The stage controller: schedule layout, modes and the freeze mask against METHOD.md s. 6."""
+"""The stage controller: schedule layout, modes and the freeze mask against docs/method.md,
+'Progressive, aggregated schedule'."""
 
 import numpy as np
 import pytest

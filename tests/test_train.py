@@ -54,8 +54,9 @@ def _state(model, tx, binarize=True, seed=0):
         for q in layers[:2]:
             st = set_path(st, ("qstate", *q.path, "w_mode"), np.int32(BINARIZING))
             st = set_path(st, ("qstate", *q.path, "a_mode"), np.int32(1))
-            # A threshold inside the ReLU6 range: with tau = 0 every input would be +1 (METHOD.md
-            # s. 5), BN variances would collapse to rounding noise and nothing would be testable.
+            # A threshold inside the ReLU6 range: with tau = 0 every input would be +1 (ReLU6 is
+            # >= 0 and sign(0) = +1), BN variances would collapse to rounding noise and nothing
+            # would be testable.
             tau = trainable["quant"][q.path[0]][q.path[1]]["tau"]
             trainable = set_path(trainable, ("quant", *q.path, "tau"), np.full_like(tau, 0.3))
     mask = map_with_path(lambda p, _: np.float32(1.0), trainable)

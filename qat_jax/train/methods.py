@@ -1,4 +1,5 @@
-"""The methods of METHOD.md section 7 as settings of one code path.
+"""The compared methods as settings of one code path (docs/method.md, 'Methods sharing the
+code').
 
 ===============  ==========================================================================
 ``fp``           full precision only (the FP phase; no QAT stages)

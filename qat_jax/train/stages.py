@@ -1,4 +1,5 @@
-"""The stage controller: the only code that knows the progressive schedule (METHOD.md s. 6).
+"""The stage controller: the only code that knows the progressive schedule (docs/method.md,
+'Progressive, aggregated schedule').
 
 Given the model's quantizable layers in bottom-to-top order (with block ids) and the schedule
 config, it decides for every stage
