@@ -2,8 +2,9 @@
 
 ``python -m qat_jax.compare --config=configs/compare_study.py --workdir=runs/compare_study``
 
-As ``configs/compare_default.py``: one FP model per seed, and every QAT method gets the same 1,500
-stage steps (``total_stage_steps``) plus the 400 final steps. Rerunning the command resumes.
+``configs/compare_default.py`` with the study's base: one FP model per seed, and every QAT method
+gets the same 1,500 stage steps (``total_stage_steps``) plus the 400 final steps. Rerunning the
+command resumes.
 """
 
 import ml_collections
@@ -12,11 +13,9 @@ from qat_jax.train.config_files import load_sibling
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    c = load_sibling(__file__, "compare_default.py")
     c.base = load_sibling(__file__, "study.py")
     c.base.progress = False
-    c.methods = ("fp", "xnor", "reactnet", "progressive", "bitat_fixed", "bitat")
-    c.seeds = (0, 1, 2)
     c.total_stage_steps = 1500
     c.lock()
     return c
