@@ -94,7 +94,7 @@ def _release_compiled_programs():
 
 # ---------------------------------------------------------------------------------------------
 # XLA compile time per test module, printed at the end of the run (the CI log shows where the
-# suite's time goes). Only this process's compiles are counted; subprocess tests report their own
+# suite's time goes), summed over the xdist workers. Subprocess tests report their own
 # wall time through --durations.
 
 _COMPILE_SECONDS: dict[str, float] = {}
@@ -141,6 +141,6 @@ def pytest_terminal_summary(terminalreporter):
     if not _COMPILE_SECONDS:
         return
     total = sum(_COMPILE_SECONDS.values())
-    terminalreporter.write_sep("=", f"XLA compile time in the test process: {total:.0f} s")
+    terminalreporter.write_sep("=", f"XLA compile time in the test processes: {total:.0f} s")
     for m, s in sorted(_COMPILE_SECONDS.items(), key=lambda kv: -kv[1])[:12]:
         terminalreporter.write_line(f"{s:8.1f} s  {m}")
