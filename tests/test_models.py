@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from numerics import assert_close_to_scale, assert_logits_match
+from test_shortcut import _pool_by_hand  # the numpy reference of the 2x2 ceil-mode pool
 
 from qat_jax import models
 from qat_jax.layers import BINARIZING, BinaryConv, QuantConfig
@@ -548,21 +549,11 @@ def _np_match(z: np.ndarray, c_out: int) -> np.ndarray:
     return np.stack(cols, axis=-1)
 
 
-def _np_pool(z: np.ndarray) -> np.ndarray:
-    """2x2 / 2 average of the entries inside the image (ceil mode)."""
-    n, h, w, c = z.shape
-    out = np.zeros((n, -(-h // 2), -(-w // 2), c), np.float64)
-    for i in range(out.shape[1]):
-        for j in range(out.shape[2]):
-            out[:, i, j] = z[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))
-    return out
-
-
 def _np_block(x: np.ndarray, t: int, c_out: int, stride: int) -> np.ndarray:
     """An inverted residual whose convs are all zero: only the shortcuts (and residual) remain."""
     relu6 = lambda z: np.clip(z, 0.0, 6.0)  # noqa: E731
     h = x if t == 1 else relu6(_np_match(x, int(round(x.shape[-1] * t))))
-    h = relu6(_np_pool(h) if stride == 2 else h)
+    h = relu6(_pool_by_hand(h) if stride == 2 else h)
     y = _np_match(h, c_out)
     return y + x if stride == 1 and x.shape[-1] == c_out else y
 
