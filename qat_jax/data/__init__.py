@@ -20,17 +20,14 @@ Datasets: ``fashion_mnist`` (default; prepared automatically from Debian's
 20 superclasses), ``imagenet2012`` (an existing TFDS ArrayRecord build). See docs/data.md.
 """
 
-from qat_jax.data.pipeline import (
-    DatasetInfo,
+from qat_jax.data.iterators import (
     EvalBatches,
     TrainIterator,
-    dataset_info,
-    ensure_prepared,
-    get_config_defaults,
     make_eval_batches,
     make_train_iterator,
 )
 from qat_jax.data.preparation import is_prepared, prepare
+from qat_jax.data.resolve import DatasetInfo, dataset_info, ensure_prepared, get_config_defaults
 from qat_jax.data.sources import DataPrepareError
 
 __all__ = [
