@@ -1,6 +1,6 @@
 """BiTAT on CIFAR-100 with MobileNetV2-CIFAR (width 1.0): a paper-scale setting (our choices).
 
-Data: prepare once with ``python -m qat_jax.data.prepare --dataset=cifar100
+Data: prepare once with ``python -m qat_jax.data --dataset=cifar100
 --manual_dir=<dir with cifar-100-python.tar.gz> --data_dir=<data_dir>`` (docs/data.md).
 
 Schedule (ours; the paper's numbers are unknown to us): FP 200 epochs (Adam 1e-3, cosine), then one

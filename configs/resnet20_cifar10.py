@@ -1,6 +1,6 @@
 """BiTAT on CIFAR-10 with ResNet-20 (16/32/64 channels, option-B shortcuts): our choices.
 
-Data: ``python -m qat_jax.data.prepare --dataset=cifar10 --manual_dir=<dir with
+Data: ``python -m qat_jax.data --dataset=cifar10 --manual_dir=<dir with
 cifar-10-python.tar.gz> --data_dir=<data_dir>``. FP 200 epochs, then one stage per block (9 basic
 blocks; a block's shortcut conv belongs to it) of 5 epochs, then 20 epochs all binary. Batch 128.
 """

@@ -15,6 +15,7 @@ import pytest
 from qat_jax import data
 from qat_jax.data import preparation as prepare_lib
 from qat_jax.data import registry
+from qat_jax.data.__main__ import main as prepare_main
 from qat_jax.data.preprocess import Preprocessor, decode_image, uniforms
 
 N_TRAIN, N_TEST = 40, 13
@@ -179,7 +180,7 @@ def test_prepare_fashion_mnist_roundtrip_and_idempotent(tmp_path, capsys):
 
     mtime = os.path.getmtime(os.path.join(path, "dataset_info.json"))
     assert data.prepare("fashion_mnist", str(tmp_path / "manual"), dd) == path
-    assert prepare_lib.main(["--dataset=fashion_mnist", f"--data_dir={dd}"]) == 0
+    assert prepare_main(["--dataset=fashion_mnist", f"--data_dir={dd}"]) == 0
     assert "already prepared" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(path, "dataset_info.json")) == mtime
 
@@ -192,7 +193,7 @@ def test_prepare_cifar(tmp_path, name, kind):
 
     raw = write_cifar(tmp_path / "manual", name, kind)
     dd = str(tmp_path / "tfds")
-    rc = prepare_lib.main(
+    rc = prepare_main(
         [f"--dataset={name}", f"--manual_dir={tmp_path / 'manual'}", f"--data_dir={dd}"]
         + ["--no_progress"]
     )
@@ -241,7 +242,7 @@ def test_truncated_and_wrong_cifar_archives(tmp_path, capsys):
     archive = tmp_path / "m" / "cifar-100-python.tar.gz"
     payload = archive.read_bytes()
     archive.write_bytes(payload[: len(payload) - 200])
-    rc = prepare_lib.main(
+    rc = prepare_main(
         ["--dataset=cifar100", f"--manual_dir={tmp_path / 'm'}", f"--data_dir={tmp_path / 'd'}"]
     )
     err = capsys.readouterr().err.strip()
@@ -276,9 +277,7 @@ def test_missing_files(tmp_path):
     cfg.data_dir = str(tmp_path / "d")
     cfg.manual_dir = str(tmp_path / "nothing")
     cfg.auto_prepare = False
-    with pytest.raises(
-        FileNotFoundError, match="python -m qat_jax.data.prepare --dataset=cifar100"
-    ):
+    with pytest.raises(FileNotFoundError, match="python -m qat_jax.data --dataset=cifar100"):
         data.dataset_info(cfg)
     cfg.auto_prepare = True
     with pytest.raises(FileNotFoundError, match="auto-prepare failed.*run: python -m qat_jax"):

@@ -65,7 +65,8 @@ def test_missing_dataset_names_the_prepare_command(tmp_path_factory, tmp_path):
     )
     assert p.returncode == 2
     line = _last_error_line(p)
-    assert "fashion_mnist is not prepared" in line and "python -m qat_jax.data.prepare" in line
+    assert "fashion_mnist is not prepared" in line
+    assert "python -m qat_jax.data --dataset=fashion_mnist" in line
 
 
 @pytest.mark.slow

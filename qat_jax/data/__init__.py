@@ -3,8 +3,8 @@
 Public API (stable; used by the trainer):
 
 * :func:`get_config_defaults` -> ``ml_collections.ConfigDict`` (fields documented there).
-* :func:`dataset_info` (cfg) -> :class:`DatasetInfo` (name, num_classes, image_shape, num_train,
-  num_eval).
+* :func:`dataset_info` (cfg) -> :class:`DatasetInfo` (name, num_classes, image_shape,
+  num_train, num_eval).
 * :func:`make_train_iterator` (cfg, global_batch_size, *, seed, num_local_devices,
   process_index=None, process_count=None) -> :class:`TrainIterator`, an infinite iterator of
   ``{'image': float32 [D, b, H, W, C], 'label': int32 [D, b]}`` with ``get_state()`` /
@@ -13,7 +13,17 @@ Public API (stable; used by the trainer):
   process_count=None) -> :class:`EvalBatches`, re-iterable, batches with an extra float32
   ``'mask'`` [D, b] (1 = real example, 0 = padding).
 * :func:`prepare` (name, manual_dir, data_dir) converts local source files into a TFDS data dir
-  (also ``python -m qat_jax.data.prepare``); :func:`ensure_prepared` (cfg) does it on first use.
+  (also ``python -m qat_jax.data``); :func:`ensure_prepared` (cfg) does it on first use.
+
+Modules, in the order data flows: ``registry`` (per-dataset constants, where prepared data
+lives) -> ``sources`` (readers of the raw files) -> ``preparation`` (raw files -> TFDS
+ArrayRecord dir; its CLI is ``__main__``) -> ``resolve`` (config -> a checked
+:class:`~qat_jax.data.resolve.ResolvedDataset`) -> ``batches`` (example order, sharding over
+processes and devices, one numpy batch; decoding and augmentation come from ``preprocess``) ->
+``iterators`` (grain-driven train iterator and eval batches).
+
+Importing this package loads neither TensorFlow Datasets nor grain: they are imported when a
+dataset is first opened.
 
 Datasets: ``fashion_mnist`` (default; prepared automatically from Debian's
 ``dataset-fashion-mnist`` files), ``cifar10``, ``cifar100`` (``label_key='coarse_label'`` for the

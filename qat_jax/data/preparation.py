@@ -1,14 +1,12 @@
 """Convert local source files into TFDS datasets (ArrayRecord) without TensorFlow.
 
-Implementation behind :func:`qat_jax.data.prepare` and the command line (module
-:mod:`qat_jax.data.prepare`)::
+The library behind :func:`qat_jax.data.prepare` (and :func:`is_prepared`); the command line
+that calls it is ``python -m qat_jax.data`` (:mod:`qat_jax.data.__main__`).
 
-    python -m qat_jax.data.prepare --dataset=cifar100 --manual_dir=~/downloads --data_dir=~/tfds
-
-Library: :func:`prepare`. The output is a regular TFDS data dir: ``<data_dir>/<name>/<version>/``
-with ``dataset_info.json``, ``features.json``, label-name files and one ArrayRecord shard per
-split, readable by ``tfds.data_source(name, data_dir=...)`` or ``tfds.builder_from_directory``.
-Names, versions and features match the stock TFDS builders (images are PNG-encoded
+The output is a regular TFDS data dir: ``<data_dir>/<name>/<version>/`` with
+``dataset_info.json``, ``features.json``, label-name files and one ArrayRecord shard per split,
+readable by ``tfds.data_source(name, data_dir=...)`` or ``tfds.builder_from_directory``. Names,
+versions and features match the stock TFDS builders (images are PNG-encoded
 ``tfds.features.Image``; labels ``tfds.features.ClassLabel``; CIFAR also has the ``id`` text).
 
 Everything is written into a hidden temporary directory next to the target and renamed into
@@ -18,22 +16,21 @@ Running it again on a prepared dataset prints that it is already prepared and do
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import struct
-import sys
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
 from qat_jax.data import registry, sources
+from qat_jax.data.preprocess import PNG_SIGNATURE
 from qat_jax.data.sources import DataPrepareError
 
-__all__ = ["prepare", "is_prepared", "main", "encode_png", "write_tfds_dataset", "DataPrepareError"]
+__all__ = ["prepare", "is_prepared", "encode_png", "write_tfds_dataset", "DataPrepareError"]
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +145,6 @@ def _features(name: str, label_names: dict):
     return tfds.features.FeaturesDict(feats)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return (
         struct.pack(">I", len(data))
@@ -176,7 +170,7 @@ def encode_png(image: np.ndarray) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
     return b"".join(
         (
-            _PNG_SIGNATURE,
+            PNG_SIGNATURE,
             _png_chunk(b"IHDR", ihdr),
             _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)),
             _png_chunk(b"IEND", b""),
@@ -185,9 +179,9 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 _DESCRIPTIONS = {
-    "fashion_mnist": "Fashion-MNIST (Zalando), prepared by qat_jax.data.prepare from IDX files.",
-    "cifar10": "CIFAR-10 (Krizhevsky, 2009), prepared by qat_jax.data.prepare.",
-    "cifar100": "CIFAR-100 (Krizhevsky, 2009), prepared by qat_jax.data.prepare.",
+    "fashion_mnist": "Fashion-MNIST (Zalando), prepared by qat_jax.data from IDX files.",
+    "cifar10": "CIFAR-10 (Krizhevsky, 2009), prepared by qat_jax.data.",
+    "cifar100": "CIFAR-100 (Krizhevsky, 2009), prepared by qat_jax.data.",
 }
 
 
@@ -261,7 +255,7 @@ def write_tfds_dataset(
             name=name,
             version=tfds.core.Version(version),
             data_dir=tmp,
-            module_name="qat_jax.data.prepare",
+            module_name="qat_jax.data.preparation",
         )
         info = tfds.core.DatasetInfo(
             builder=identity,
@@ -287,47 +281,3 @@ def write_tfds_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m qat_jax.data.prepare",
-        description="Convert local dataset files into a TFDS ArrayRecord data dir (no TF).",
-    )
-    parser.add_argument("--dataset", required=True, choices=sorted(registry.SPECS))
-    parser.add_argument("--manual_dir", default=None, help="directory with the source files")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help=f"TFDS data dir (default ${registry.DATA_DIR_ENV} or ~/tensorflow_datasets)",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if prepared")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-
-    data_dir = registry.resolve_data_dir(args.data_dir)
-    existing = registry.find_builder_dir(args.dataset, data_dir)
-    if existing is not None and not args.force:
-        print(f"{args.dataset} is already prepared at {existing}; nothing to do.")
-        return 0
-    try:
-        path = prepare(
-            args.dataset,
-            args.manual_dir,
-            data_dir,
-            progress=not args.no_progress,
-            force=args.force,
-        )
-    except (FileNotFoundError, DataPrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.dataset} prepared at {path} ({_du(path)})")
-    return 0
-
-
-def _du(path: str) -> str:
-    total = sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-    )
-    return f"{total / 2**20:.1f} MiB"

@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["AUGMENTATIONS", "Preprocessor", "uniforms", "decode_image"]
+__all__ = ["AUGMENTATIONS", "PNG_SIGNATURE", "Preprocessor", "uniforms", "decode_image"]
 
 AUGMENTATIONS = ("none", "crop_flip", "rrc_flip")
 
@@ -53,16 +53,16 @@ def uniforms(seed: int, epoch: np.ndarray, index: np.ndarray, num: int) -> np.nd
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
 
 
 def _decode_simple_png(data: bytes, channels: int) -> np.ndarray | None:
     """Fast path for 8-bit grey/RGB non-interlaced PNGs whose rows all use filter 0.
 
-    That is what :func:`qat_jax.data.prepare.encode_png` writes. Returns None for anything else
+    That is what :func:`qat_jax.data.preparation.encode_png` writes. Returns None for anything else
     (the caller falls back to PIL).
     """
-    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
     c = {0: 1, 2: 3}.get(color)

@@ -4,7 +4,7 @@ A prepared dataset lives where TFDS expects it: ``<data_dir>/<name>/<version>/``
 ``dataset_info.json``, ``features.json`` and ``<name>-<split>.array_record-XXXXX-of-YYYYY``
 files. The names, versions and feature specs of the datasets prepared here are the ones of the
 stock TFDS builders, so a directory made by ``tfds build <name> --file_format=array_record`` on a
-machine with TensorFlow is interchangeable with one made by :mod:`qat_jax.data.prepare`.
+machine with TensorFlow is interchangeable with one made by :func:`qat_jax.data.prepare`.
 """
 
 from __future__ import annotations
@@ -163,6 +163,4 @@ def prepare_command(name: str, data_dir: str, manual_dir: str | None = None) -> 
             "(on a machine with TensorFlow; see docs/data.md)"
         )
     md = manual_dir or spec.default_manual_dir or "<dir with the downloaded archive>"
-    return (
-        f"python -m qat_jax.data.prepare --dataset={name} --manual_dir={md} --data_dir={data_dir}"
-    )
+    return f"python -m qat_jax.data --dataset={name} --manual_dir={md} --data_dir={data_dir}"
