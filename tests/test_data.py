@@ -491,6 +491,43 @@ def test_eval_masks_count_every_example_once(fmnist, nproc, ndev, batch):
     assert sorted(seen) == list(range(N_TEST))
 
 
+def test_eval_cache_resolves_once_and_matches_make_eval_batches(fmnist, monkeypatch):
+    """The trainer's evaluations (whole split, and the first N after each stage) reuse one
+    resolution and one reader; their batches are those of make_eval_batches."""
+    import copy
+
+    from qat_jax.data import iterators
+
+    cfg, _ = fmnist
+    limited = copy.deepcopy(cfg)
+    limited.num_eval_examples = 5
+    expected = {
+        "whole": list(data.make_eval_batches(cfg, 4, num_local_devices=2)),
+        "limited": list(data.make_eval_batches(limited, 4, num_local_devices=2)),
+    }
+    calls = []
+    real_resolve = iterators.resolve
+    monkeypatch.setattr(iterators, "resolve", lambda c: calls.append(c) or real_resolve(c))
+    cache = data.EvalCache()
+    for _ in range(3):  # three stage boundaries
+        for name, c in (("whole", cfg), ("limited", limited)):
+            ev = cache.get(c, 4, num_local_devices=2)
+            got = list(ev)
+            assert len(got) == len(ev) == len(expected[name])
+            for a, b in zip(got, expected[name], strict=True):
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert a[k].dtype == b[k].dtype
+                    np.testing.assert_array_equal(a[k], b[k])
+    assert len(calls) == 1 and cache.num_resolved == 1
+    assert cache.get(limited, 4, num_local_devices=2).num_examples == 5
+    assert cache.get(cfg, 4, num_local_devices=2).num_examples == N_TEST
+    cache.get(cfg, 4, num_local_devices=1)  # another layout: resolved on its own
+    assert cache.num_resolved == 2
+    with pytest.raises(ValueError, match="num_eval_examples must be -1"):
+        cache.get(cfg, 4, num_local_devices=2).first(0)
+
+
 def test_example_limits_and_coarse_labels(tmp_path):
     write_cifar(tmp_path / "m", "cifar100")
     cfg = data.get_config_defaults()

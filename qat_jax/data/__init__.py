@@ -11,7 +11,8 @@ Public API (stable; used by the trainer):
   ``set_state()`` for exact resumption.
 * :func:`make_eval_batches` (cfg, global_batch_size, *, num_local_devices, process_index=None,
   process_count=None) -> :class:`EvalBatches`, re-iterable, batches with an extra float32
-  ``'mask'`` [D, b] (1 = real example, 0 = padding).
+  ``'mask'`` [D, b] (1 = real example, 0 = padding); :class:`EvalCache` hands out the same
+  batches, resolved once per run.
 * :func:`prepare` (name, manual_dir, data_dir) converts local source files into a TFDS data dir
   (also ``python -m qat_jax.data``); :func:`ensure_prepared` (cfg) does it on first use.
 
@@ -32,6 +33,7 @@ Datasets: ``fashion_mnist`` (default; prepared automatically from Debian's
 
 from qat_jax.data.iterators import (
     EvalBatches,
+    EvalCache,
     TrainIterator,
     make_eval_batches,
     make_train_iterator,
@@ -44,6 +46,7 @@ __all__ = [
     "DataPrepareError",
     "DatasetInfo",
     "EvalBatches",
+    "EvalCache",
     "TrainIterator",
     "dataset_info",
     "ensure_prepared",

@@ -3,12 +3,15 @@
 * :func:`make_train_iterator` -> :class:`TrainIterator`: infinite, checkpointable
   (``get_state`` / ``set_state``) train batches of this process.
 * :func:`make_eval_batches` -> :class:`EvalBatches`: re-iterable, padded and masked eval batches.
+* :class:`EvalCache`: the eval batches a training run asks for at every evaluation, resolved
+  once and reused.
 
 Which examples land in which batch, process and device is decided in :mod:`qat_jax.data.batches`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 
@@ -19,6 +22,7 @@ from qat_jax.data.resolve import ReadOptions, resolve
 
 __all__ = [
     "EvalBatches",
+    "EvalCache",
     "TrainIterator",
     "make_eval_batches",
     "make_train_iterator",
@@ -191,6 +195,19 @@ class EvalBatches:
             if hasattr(it, "close"):
                 it.close()
 
+    def first(self, num_examples: int) -> EvalBatches:
+        """The batches of the first ``num_examples`` examples (-1: all), from the same reader.
+
+        Equal to :func:`make_eval_batches` with ``num_eval_examples = min(num_examples,
+        self.num_examples)``, without resolving the dataset again.
+        """
+        if num_examples == 0:
+            raise ValueError("num_eval_examples must be -1 (all) or positive, got 0")
+        if num_examples < 0 or num_examples >= self.num_examples:
+            return self
+        f = self._fn
+        return EvalBatches(EvalBatchFn(f.source, f.pre, int(num_examples), f.layout), self._read)
+
 
 def make_eval_batches(
     cfg,
@@ -215,3 +232,53 @@ def make_eval_batches(
     r = resolve(cfg)
     source = ArrayRecordSource(r.builder_dir, r.eval_split, r.label_key)
     return EvalBatches(EvalBatchFn(source, r.preprocessor, r.num_eval, layout), r.read)
+
+
+class EvalCache:
+    """The eval batches of one run, resolved once and reused at every evaluation.
+
+    ``get`` takes the arguments of :func:`make_eval_batches` and returns the same batches. The
+    first call for a config resolves the dataset (preparation check, metadata, shard check) and
+    opens its reader; later calls, and calls whose config differs only in
+    ``num_eval_examples`` (the per-stage evaluation on fewer examples), reuse them.
+    """
+
+    def __init__(self):
+        self._whole: dict[tuple, EvalBatches] = {}
+
+    @property
+    def num_resolved(self) -> int:
+        """How many times a dataset was resolved (one per distinct config and layout)."""
+        return len(self._whole)
+
+    def get(
+        self,
+        cfg,
+        global_batch_size: int,
+        *,
+        num_local_devices: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> EvalBatches:
+        """:func:`make_eval_batches` ``(cfg, global_batch_size, ...)``, cached."""
+        import ml_collections
+
+        whole = ml_collections.ConfigDict(cfg.to_dict())
+        limit = int(whole.get("num_eval_examples", -1))
+        whole.num_eval_examples = -1
+        key = (
+            json.dumps(whole.to_dict(), sort_keys=True, default=repr),
+            int(global_batch_size),
+            int(num_local_devices),
+            process_index,
+            process_count,
+        )
+        if key not in self._whole:
+            self._whole[key] = make_eval_batches(
+                whole,
+                global_batch_size,
+                num_local_devices=num_local_devices,
+                process_index=process_index,
+                process_count=process_count,
+            )
+        return self._whole[key].first(limit)

@@ -165,6 +165,7 @@ class _Run:
     calib_fn: Any
     bn_fn: Any
     bn_momentum: float = 0.9
+    eval_data: qdata.EvalCache = dataclasses.field(default_factory=qdata.EvalCache)
     # Wall seconds by part of the run (this process, this session): startup (data, model, compiles
     # of the helpers), fp_train, qat_start (the FP model's evaluation and the teacher's save),
     # qat_train (incl. the first compile of each step), transitions (stage boundaries incl. their
@@ -179,7 +180,7 @@ class _Run:
         variables = hstate if teacher else hstate.variables
         rvars = parallel.replicate(variables)
         total = None
-        for batch in qdata.make_eval_batches(
+        for batch in self.eval_data.get(  # resolved once per run, reused at every evaluation
             dcfg, self.config.eval_batch_size, num_local_devices=jax.local_device_count()
         ):
             out = self.eval_fn(rvars, parallel.shard(batch))
