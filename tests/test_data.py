@@ -528,6 +528,33 @@ def test_eval_cache_resolves_once_and_matches_make_eval_batches(fmnist, monkeypa
         cache.get(cfg, 4, num_local_devices=2).first(0)
 
 
+def test_import_is_light_and_cli_runs_as_module(fmnist):
+    """`import qat_jax.data` loads neither TFDS nor grain; `python -m qat_jax.data` is the CLI."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qat_jax.data; "
+        "print(sorted(m for m in ('tensorflow_datasets', 'grain', 'tensorflow') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"
+    cfg, _ = fmnist
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qat_jax.data",
+            "--dataset=fashion_mnist",
+            f"--data_dir={cfg.data_dir}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0 and "already prepared" in p.stdout
+    assert "Warning" not in p.stderr, p.stderr
+
+
 def test_example_limits_and_coarse_labels(tmp_path):
     write_cifar(tmp_path / "m", "cifar100")
     cfg = data.get_config_defaults()
