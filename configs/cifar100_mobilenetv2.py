@@ -32,9 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.fp.learning_rate = 1e-3
     c.fp.warmup_steps = 5 * STEPS_PER_EPOCH
     c.optim.learning_rate = 5e-4
-    c.optim.warmup_steps = STEPS_PER_EPOCH
+    c.optim.warmup_steps = STEPS_PER_EPOCH // 5  # of every stage (per_stage schedule)
     c.schedule.granularity = "layer"
     c.schedule.steps_per_stage = 2 * STEPS_PER_EPOCH
+    c.schedule.acts_first_steps = 2 * STEPS_PER_EPOCH  # one stage's worth
     c.schedule.final_steps = 20 * STEPS_PER_EPOCH
     c.schedule.calib_batches = 8
     c.schedule.bn_batches = 20

@@ -30,10 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.fp.learning_rate = 2e-3
     c.fp.warmup_steps = 5 * STEPS_PER_EPOCH
     c.optim.learning_rate = 5e-4
-    c.optim.warmup_steps = STEPS_PER_EPOCH
+    c.optim.warmup_steps = STEPS_PER_EPOCH // 10  # of every stage (per_stage schedule)
     c.loss.label_smoothing = 0.1
     c.schedule.granularity = "layer"
     c.schedule.steps_per_stage = STEPS_PER_EPOCH
+    c.schedule.acts_first_steps = STEPS_PER_EPOCH  # one stage's worth
     c.schedule.final_steps = 30 * STEPS_PER_EPOCH
     c.schedule.calib_batches = 4
     c.schedule.bn_batches = 20

@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.fp.learning_rate = 1e-3
     c.fp.warmup_steps = 2 * STEPS_PER_EPOCH
     c.optim.learning_rate = 5e-4
+    c.optim.warmup_steps = STEPS_PER_EPOCH // 2  # of every stage (per_stage schedule)
     c.schedule.granularity = "block"
     c.schedule.steps_per_stage = 5 * STEPS_PER_EPOCH
+    c.schedule.acts_first_steps = 5 * STEPS_PER_EPOCH  # one stage's worth
     c.schedule.final_steps = 20 * STEPS_PER_EPOCH
     c.log_every = 100
     c.checkpoint_every = 2000

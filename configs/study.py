@@ -5,9 +5,10 @@ a recipe's defect from a short budget.
 ``python -m qat_jax.compare --config=configs/compare_study.py --workdir=runs/compare_study``
 
 Derived from ``configs/default.py`` (reduced MobileNetV2-CIFAR, Fashion-MNIST, batch 64, so one
-epoch is 938 steps): FP 1,900 steps (2.0 epochs), then QAT 1,900 steps (2.0 epochs): six block
-stages sharing 1,500 steps and a final phase of 400. Everything else (method, recipe switches) is
-the default's, so ``--config.<key>=<value>`` ablates one lever at this budget.
+epoch is 938 steps): FP 1,900 steps (2.0 epochs), then QAT 2,150 steps (2.3 epochs): the
+activations-first step (250), six block stages sharing 1,500 steps and a final phase of 400.
+Everything else (method, recipe switches) is the default's, so ``--config.<key>=<value>``
+ablates one lever at this budget.
 """
 
 import ml_collections
@@ -21,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.fp.warmup_steps = 100
     c.schedule.steps_per_stage = 250  # 6 block stages x 250 = 1,500
     c.schedule.final_steps = 400
+    c.schedule.acts_first_steps = 250  # one stage's worth, as the default's 40 for its 30
+    c.optim.warmup_steps = 20  # of every stage (optim.schedule='per_stage')
     c.log_every = 100
     c.checkpoint_every = 250
     c.lock()

@@ -52,7 +52,7 @@ def test_compare_config_is_locked_and_its_base_is_a_training_config(path):
 def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
     c = load_config_file(os.path.join(ROOT, "configs", "default.py"))
     c.unlock()
-    assert c.model.binary_shortcut is False
+    assert c.model.binary_shortcut is True  # the default recipe
     shortcut_methods = [m for m in METHODS if method_settings(m).shortcut]
     assert shortcut_methods == ["reactnet"]
 
@@ -71,3 +71,26 @@ def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
     r.method = "reactnet"
     model = build_model(r, 10, _quant_config(r, method_settings("reactnet")))
     assert model.rprelu and not hasattr(model, "binary_shortcut")
+
+
+def test_faithful_config_is_the_default_with_the_recipe_switches_off():
+    """configs/faithful.py differs from configs/default.py in the recipe's switches only."""
+    default = load_config_file(os.path.join(ROOT, "configs", "default.py")).to_dict()
+    faithful = load_config_file(os.path.join(ROOT, "configs", "faithful.py")).to_dict()
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat(default), flat(faithful)
+    assert a.keys() == b.keys()
+    changed = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    assert changed == {
+        "model.binary_shortcut": (True, False),
+        "quant.fp_kinds": (("depthwise",), ()),
+        "schedule.acts_first_steps": (40, 0),
+        "optim.schedule": ("per_stage", "global"),
+        "optim.warmup_steps": (5, 0),
+    }
