@@ -92,31 +92,32 @@ def make_setup(name: str, batch_size: int) -> bench_step.Setup:
     return setup
 
 
-def calibrate_thresholds(bench: bench_step.Bench, mode: str) -> None:
-    """Set ``mode``'s input thresholds as the trainer does before its first QAT stage.
+#: Range of the initial input thresholds of the binarized step (see :func:`set_thresholds`).
+TAU_RANGE = (0.1, 0.6)
 
-    ``calibrate.calibrate_layers`` with ``quant.tau_init`` (``'mean'``: each binary layer's
-    per-channel input mean, FP network, eval-mode BN) over ``schedule.calib_batches`` batches. With
-    the initial ``tau = 0`` every input after a ReLU6 would binarize to +1 (a degenerate network
-    whose BN variances vanish); the step's cost is the same either way.
+
+def set_thresholds(bench: bench_step.Bench, mode: str, seed: int = 0) -> None:
+    """Draw ``mode``'s input thresholds ``tau`` per channel from ``U(TAU_RANGE)`` (seeded).
+
+    With the initial ``tau = 0`` every ReLU6 output (``>= 0``, half of them exactly 0 after a
+    train-mode BN) binarizes to +1: a 1x1 conv then sees a constant input, its BN divides rounding
+    noise by ``sqrt(eps)`` and the next sign depends on that noise, so the two frameworks' logits
+    diverge. The trainer's calibration (per-channel input means, eval-mode BN) leaves some
+    thresholds at exactly 0 too, and costs one more compile of the whole network. Thresholds in
+    ``TAU_RANGE`` split ReLU6 outputs and BN outputs alike into both signs. The step's cost does
+    not depend on them.
     """
-    from qat_jax.train import calibrate, parallel, steps
+    from qat_jax.train.state import get_path, set_path
 
-    cfg = bench.setup.config
-    model = bench.models[mode]
-    controller = bench.controllers[mode]
-    calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
-    n = int(cfg.schedule.calib_batches)
-    bench.states[mode] = calibrate.calibrate_layers(
-        bench.states[mode],
-        (),
-        calib_fn,
-        lambda: [bench.host_images] * n,
-        bench.qcfgs[mode],
-        float(cfg.quant.gamma),
-        str(cfg.quant.tau_init),
-        tau_layers=list(controller.layers),
-    )
+    rng = np.random.default_rng(seed)
+    h = bench.states[mode]
+    params = dict(h.params)
+    for p in bench.controllers[mode].layers:
+        tau = np.asarray(get_path(params, ("quant", *p, "tau")))
+        params = set_path(
+            params, ("quant", *p, "tau"), rng.uniform(*TAU_RANGE, tau.shape).astype(np.float32)
+        )
+    bench.states[mode] = h.replace(params=params)
 
 
 def mode_variant(mode: str) -> tuple[str, str, int]:
@@ -612,7 +613,7 @@ def jax_worker(args, outdir: str) -> dict:
         bench = bench_step.Bench(setup, methods=modes)
         for m in modes:
             if m != "fp":
-                calibrate_thresholds(bench, m)
+                set_thresholds(bench, m)
     variants = [mode_variant(m) for m in modes]
     med, first, raw = bench_step.time_steps(
         bench, variants, args.steps, args.warmup, args.rounds, log
@@ -777,7 +778,9 @@ def combine(jax_meta: dict, torch_res: dict, args) -> dict:
 def format_table(r: dict) -> str:
     s, a, jx, tr = r["setup"], r["arch"], r["jax"], r["torch"]
     blocks = sum(row[2] for row in a["stages"])
-    last = a["last_channel"] or "default"
+    last = a["last_channel"] or _make_divisible(
+        1280 * max(1.0, a["width_mult"]), a["round_nearest"]
+    )
     lines = [
         f"== JAX vs PyTorch eager: setup {s['name']} (MobileNetV2-{a['variant']} width "
         f"{a['width_mult']}, {blocks} blocks, last_channel {last}), batch {s['batch_size']}, "

@@ -80,7 +80,7 @@ def test_torch_twin_matches_jax_logits_and_gradients(bvt):
     bench_step = bvt.bench_step
     setup = bvt.make_setup("tiny", 8)
     bench = bench_step.Bench(setup, methods=bvt.MODES)
-    bvt.calibrate_thresholds(bench, "xnor")
+    bvt.set_thresholds(bench, "xnor")
     images = bench.host_images.reshape(-1, *setup.image_shape)
     labels = np.arange(images.shape[0]) % setup.num_classes
     meta, arrays = bvt.export_reference(bench, bvt.MODES, images, labels, "grads")
