@@ -80,10 +80,18 @@ GRAD_FLOOR = 1e-3
 
 
 def make_setup(name: str, batch_size: int) -> bench_step.Setup:
-    """``bench_step``'s setup of that name; ``issue``: ``default`` with the model's own stages."""
+    """``bench_step``'s setup of that name; ``issue``: ``default`` with the model's own stages.
+
+    The comparison is the plain model and plain XNOR whatever recipe switches the config turns
+    on: no real-valued shortcut around the binary convs, every conv but the stem binarized in the
+    ``xnor`` step, no inputs-only stage before it (the PyTorch twin implements exactly that).
+    """
     if name not in SETUPS:
         raise ValueError(f"setup must be one of {SETUPS}, got {name!r}")
     setup = bench_step.load_setup("tiny" if name == "tiny" else "default", batch_size)
+    setup.config.model.binary_shortcut = False
+    setup.config.quant.fp_kinds = ()
+    setup.config.schedule.acts_first_steps = 0
     if name == "issue":
         # Width 0.5 with MobileNetV2's own CIFAR stages and last_channel (1280): 700,202 params.
         setup.config.model.inverted_residual_setting = None
