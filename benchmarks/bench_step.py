@@ -31,6 +31,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import dataclasses
 import json
@@ -41,8 +43,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qat_jax.hostenv import tune_host  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETUPS = {
@@ -51,6 +51,32 @@ SETUPS = {
     "default": ("configs/default.py", None, 10, (32, 32, 1)),
     "tiny": ("configs/tiny.py", None, 10, (32, 32, 1)),
 }
+
+
+class Chrono:
+    """Named wall-clock spans (big_vision's ``chrono`` style): ``with chrono.timing(name): ...``.
+
+    Every span of ``name`` is appended to ``chrono.spans[name]`` (seconds, ``time.perf_counter``),
+    so a loop of steps gives the list whose median is reported. The body must wait for its own
+    results (``jax.block_until_ready``): the span ends when the body returns.
+    """
+
+    def __init__(self):
+        self.spans: dict[str, list[float]] = collections.defaultdict(list)
+
+    @contextlib.contextmanager
+    def timing(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spans[name].append(time.perf_counter() - t0)
+
+    def last(self, name: str) -> float:
+        return self.spans[name][-1]
+
+    def total(self, name: str) -> float:
+        return sum(self.spans[name])
 
 
 class CompileLog:
@@ -218,6 +244,8 @@ class Bench:
             if m != "fp"
         }
         self.teachers["fp"] = None
+        if "bitat" not in self.models:  # train steps only (e.g. bench_vs_torch.py: fp, xnor)
+            return
         model = self.models["bitat"]
         self.calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
         self.bn_fn = parallel.pmap(
@@ -297,34 +325,43 @@ def _to_np(tree):
 
 
 def time_steps(bench: Bench, variants, steps: int, warmup: int, rounds: int, log: CompileLog):
-    """Median step seconds per variant, interleaved over rounds; compiles of each first call."""
+    """Median step seconds per variant, interleaved over rounds; compiles of each first call.
+
+    ``first[label]``: ``first_call_s`` (the first call alone: tracing, compiling, one step),
+    ``first_calls_s`` (all ``max(warmup, 1)`` untimed calls) and the compiles they triggered.
+    """
     import jax
 
     from qat_jax.train import parallel
 
-    rstates, first, times = {}, {}, {label: [] for label, _, _ in variants}
+    chrono = Chrono()
+    rstates, first = {}, {}
+
+    def step(label, method):
+        rstates[label], m = bench.steps_fn[method](
+            rstates[label], bench.batch, bench.rng, bench.teachers[method]
+        )
+        jax.block_until_ready(m)
+
     for label, method, k in variants:
         rstates[label] = parallel.replicate(bench.stage_state(method, k))
         mark = log.mark()
-        t0 = time.perf_counter()
-        teacher = bench.teachers[method]
-        for _ in range(max(warmup, 1)):
-            rstates[label], m = bench.steps_fn[method](
-                rstates[label], bench.batch, bench.rng, teacher
-            )
-            jax.block_until_ready(m)
-        first[label] = {"first_calls_s": round(time.perf_counter() - t0, 3), **log.since(mark)}
+        with chrono.timing(f"warmup {label}"):
+            for i in range(max(warmup, 1)):
+                with chrono.timing(f"call {label}" if i == 0 else f"warm {label}"):
+                    step(label, method)
+        first[label] = {
+            "first_call_s": round(chrono.last(f"call {label}"), 3),
+            "first_calls_s": round(chrono.last(f"warmup {label}"), 3),
+            **log.since(mark),
+        }
     for _ in range(rounds):
         for label, method, _k in variants:
-            teacher = bench.teachers[method]
             for _ in range(steps):
-                t0 = time.perf_counter()
-                rstates[label], m = bench.steps_fn[method](
-                    rstates[label], bench.batch, bench.rng, teacher
-                )
-                jax.block_until_ready(m)
-                times[label].append(time.perf_counter() - t0)
-    del rstates
+                with chrono.timing(label):
+                    step(label, method)
+    rstates.clear()  # the donated step states
+    times = {label: chrono.spans[label] for label, _, _ in variants}
     return {label: statistics.median(ts) for label, ts in times.items()}, first, times
 
 
@@ -575,6 +612,10 @@ def main(argv=None) -> dict:
     if args.quick:
         args.setup, args.steps, args.warmup, args.rounds = "tiny", 1, 1, 1
         args.eval_examples = 16
+    # Imported here, so that importing this module imports no JAX (bench_vs_torch.py's PyTorch
+    # process uses its helpers).
+    from qat_jax.hostenv import tune_host
+
     tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
     from qat_jax.train import compilation_cache
 
