@@ -176,8 +176,9 @@ class Bench:
         from qat_jax import models as qmodels
         from qat_jax.train import parallel, steps
         from qat_jax.train.stages import StageController
-        from qat_jax.train.state import TrainState, map_with_path, split_variables
+        from qat_jax.train.state import TrainState, split_variables
         from qat_jax.train.trainer import binary_layers, build_model
+        from qat_jax.tree import map_with_path
 
         self.setup = setup
         cfg = setup.config
@@ -260,7 +261,7 @@ class Bench:
 
         from qat_jax import layers as qlayers
         from qat_jax.train import calibrate
-        from qat_jax.train.state import get_path, set_path
+        from qat_jax.tree import get_path, set_path
 
         hstate = self.states[method]
         if method == "fp":
@@ -298,7 +299,7 @@ class Bench:
 
     def heaviest_stage(self) -> int:
         """The stage whose binarizing layers have the largest transform size ``sum G * d^3``."""
-        from qat_jax.train.state import get_path
+        from qat_jax.tree import get_path
 
         c = self.controllers["bitat"]
         cost = []

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -38,6 +37,7 @@ import numpy as np
 
 from qat_jax import layers as qlayers
 from qat_jax.models.common import Conv
+from qat_jax.tree import get_path
 
 __all__ = ["LayerRow", "ModelSummary", "model_summary", "format_summary"]
 
@@ -110,14 +110,6 @@ class ModelSummary:
         return {"layers": [dataclasses.asdict(r) for r in self.rows], "totals": self.totals()}
 
 
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
 def _size(x) -> int:
     return int(np.prod(x.shape)) if x is not None else 0
 
@@ -128,7 +120,7 @@ def _is_binary(variables, path, binary: str) -> tuple[bool, bool]:
         return True, True
     if binary == "none":
         return False, False
-    qs = _get(variables.get("qstate", {}), path)
+    qs = get_path(variables.get("qstate", {}), path)
     if qs is None:
         return False, False
     w = int(np.asarray(qs["w_mode"])) != qlayers.FP
@@ -172,7 +164,7 @@ def model_summary(
     for module, in_shape, out_shape in records:
         path = tuple(module.path)
         name = "/".join(path)
-        p = _get(variables["params"], path) or {}
+        p = get_path(variables["params"], path) or {}
         n_params = sum(_size(v) for v in p.values() if not isinstance(v, Mapping))
         if not isinstance(module, tracked):
             # Any other module with parameters of its own (e.g. RPReLU): FP, no MACs counted.

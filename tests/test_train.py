@@ -15,7 +15,8 @@ from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
 from qat_jax.train import losses, steps
 from qat_jax.train.parallel import AXIS
 from qat_jax.train.stages import ScheduleConfig, StageController
-from qat_jax.train.state import TrainState, map_with_path, set_path, split_variables
+from qat_jax.train.state import TrainState, split_variables
+from qat_jax.tree import map_with_path, set_path
 
 SETTING = ((1, 8, 1, 1), (2, 8, 1, 2))
 # Tests of the step's mechanics (device parity, freezing, the NaN guard, metrics) that do not

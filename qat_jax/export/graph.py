@@ -29,7 +29,6 @@ the models' forward code, and the tests check the packed forward against ``model
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -40,6 +39,7 @@ from qat_jax import shortcut as qshortcut
 from qat_jax.export.packing import num_words, pack_rows
 from qat_jax.models import MobileNetV2
 from qat_jax.models.resnet import ResNet
+from qat_jax.tree import get_path
 
 __all__ = ["build_graph", "BN_EPSILON", "ExportError"]
 
@@ -49,14 +49,6 @@ BN_EPSILON = 1e-5
 
 class ExportError(ValueError):
     """A model or layer state the exporter cannot represent."""
-
-
-def _get(tree: Mapping, path: tuple[str, ...], default: Any = None) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return default
-        tree = tree[key]
-    return tree
 
 
 class _Builder:
@@ -79,8 +71,8 @@ class _Builder:
 
     def _bn(self, bn_path) -> tuple[np.ndarray, np.ndarray]:
         """``(mul, add)`` of an eval-mode BN in float64: ``bn(y) = mul * y + add``."""
-        p = _get(self.v["params"], bn_path)
-        s = _get(self.v["batch_stats"], bn_path)
+        p = get_path(self.v["params"], bn_path)
+        s = get_path(self.v["batch_stats"], bn_path)
         if p is None or s is None:
             raise ExportError(f"missing BatchNorm variables at {'/'.join(bn_path)}")
         mul = np.asarray(p["scale"], np.float64) / np.sqrt(
@@ -92,7 +84,7 @@ class _Builder:
     def conv_bn(self, x: str, path, bn_path, strides: int) -> str:
         """A conv (FP or binary, per its modes) followed by its BN, folded."""
         name = "/".join(path)
-        params = _get(self.v["params"], path)
+        params = get_path(self.v["params"], path)
         kernel = np.asarray(params["kernel"], np.float64)
         kh, kw, cin_g, c_out = kernel.shape
         c_in = self.channels[x]
@@ -100,7 +92,7 @@ class _Builder:
         mul, add = self._bn(bn_path)
         if "bias" in params:
             add = add + mul * np.asarray(params["bias"], np.float64)
-        qs = _get(self.v.get("qstate", {}), path)
+        qs = get_path(self.v.get("qstate", {}), path)
         w_mode = int(np.asarray(qs["w_mode"])) if qs is not None else qlayers.FP
         a_mode = int(np.asarray(qs["a_mode"])) if qs is not None else 0
         out = self._new(c_out)
@@ -132,7 +124,7 @@ class _Builder:
             )
         b, alpha = self._binary_weights(path, params, groups)
         d = b.shape[-1]
-        tau = np.asarray(_get(self.v["quant"], path)["tau"], np.float32)
+        tau = np.asarray(get_path(self.v["quant"], path)["tau"], np.float32)
         alpha = alpha.reshape(c_out).astype(np.float64)
         self.ops.append(
             {
@@ -153,13 +145,15 @@ class _Builder:
         return out
 
     def _binary_weights(self, path, params, groups) -> tuple[np.ndarray, np.ndarray]:
-        qs = _get(self.v["qstate"], path)
+        qs = get_path(self.v["qstate"], path)
         if int(np.asarray(qs["w_mode"])) == qlayers.FROZEN:
-            binary = _get(self.v["binary"], path)
+            binary = get_path(self.v["binary"], path)
             return np.asarray(binary["B"], np.int8), np.asarray(binary["alpha"], np.float32)
         # Binarizing mode: the same function the layer's forward uses.
-        quant = {k: np.asarray(v) for k, v in _get(self.v["quant"], path).items()}
-        calib = {k: np.asarray(v) for k, v in (_get(self.v.get("calib", {}), path) or {}).items()}
+        quant = {k: np.asarray(v) for k, v in get_path(self.v["quant"], path).items()}
+        calib = {
+            k: np.asarray(v) for k, v in (get_path(self.v.get("calib", {}), path) or {}).items()
+        }
         cfg = qlayers.QuantConfig(transform="P" in quant)
         b, alpha, _ = qlayers.layer_binary_weights(params["kernel"], groups, quant, calib, cfg)
         return np.asarray(b).astype(np.int8), np.asarray(alpha, np.float32)
@@ -168,8 +162,8 @@ class _Builder:
         """``kind`` (relu/relu6), or RPReLU where the model has one at ``act_path`` and the conv
         at ``conv_path`` has a binary input (``ConvActivation`` of :mod:`qat_jax.activations`)."""
         out = self._new(self.channels[x])
-        rp = _get(self.v["params"], (*act_path, "rprelu")) if act_path else None
-        qs = _get(self.v.get("qstate", {}), conv_path) if conv_path else None
+        rp = get_path(self.v["params"], (*act_path, "rprelu")) if act_path else None
+        qs = get_path(self.v.get("qstate", {}), conv_path) if conv_path else None
         if rp is not None and qs is not None and int(np.asarray(qs["a_mode"])) == 1:
             name = "/".join(act_path)
             self.ops.append(
@@ -230,7 +224,7 @@ class _Builder:
         return out
 
     def dense(self, x: str, path) -> str:
-        p = _get(self.v["params"], path)
+        p = get_path(self.v["params"], path)
         kernel = np.asarray(p["kernel"], np.float32)
         bias = np.asarray(p.get("bias", np.zeros(kernel.shape[1])), np.float32)
         out = self._new(kernel.shape[1])
@@ -291,7 +285,7 @@ def _resnet(model: ResNet, b: _Builder) -> str:
             y = b.act(y, "relu", (blk, "act1"), (blk, "conv1"))
             y = b.conv_bn(y, (blk, "conv2"), (blk, "bn2"), 1)
             shortcut = x
-            if _get(b.v["params"], (blk, "shortcut")) is not None:
+            if get_path(b.v["params"], (blk, "shortcut")) is not None:
                 shortcut = b.conv_bn(x, (blk, "shortcut"), (blk, "shortcut_bn"), s)
             x = b.act(b.add(y, shortcut), "relu", (blk, "act2"), (blk, "conv2"))
             block += 1

@@ -42,6 +42,7 @@ import numpy as np
 from qat_jax.interop.safetensors_io import read_safetensors, write_safetensors
 from qat_jax.models import MobileNetV2
 from qat_jax.models.resnet import ResNet
+from qat_jax.tree import get_path, set_path
 
 __all__ = [
     "TORCH_SUFFIXES",
@@ -102,14 +103,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
-
-
-def _get(tree: Mapping, path) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def _conv(mapping, prefix, path):
@@ -191,12 +184,6 @@ def _from_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _set(tree: dict, path, value) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def load_torchvision(state_dict: Mapping[str, Any], model, variables: Mapping) -> dict:
     """A copy of ``variables`` with ``params``/``batch_stats`` taken from a torchvision state_dict.
 
@@ -226,13 +213,13 @@ def load_torchvision(state_dict: Mapping[str, Any], model, variables: Mapping) -
     for key, (coll, path, kind) in mapping.items():
         if key not in sd:
             continue
-        ours = _get(variables[coll], path)
+        ours = get_path(variables[coll], path)
         want = _to_torch(kind, np.zeros(np.shape(ours), np.int8)).shape
         if tuple(sd[key].shape) != tuple(want):
             misshapen.append(f"{key}: got {tuple(sd[key].shape)}, expected {tuple(want)}")
             continue
         value = _from_torch(kind, sd[key].astype(np.float32))
-        _set(out[coll], path, np.ascontiguousarray(value))
+        out[coll] = set_path(out[coll], path, np.ascontiguousarray(value))
     if missing or unexpected or misshapen:
         parts = [f"state_dict does not fit {type(model).__name__}:"]
         for label, keys in (
@@ -259,7 +246,9 @@ def to_torchvision_state_dict(model, variables: Mapping) -> dict[str, np.ndarray
     variables = flax.core.unfreeze(variables)
     out = {}
     for key, (coll, path, kind) in torchvision_key_map(model, variables).items():
-        out[key] = np.ascontiguousarray(_to_torch(kind, np.asarray(_get(variables[coll], path))))
+        out[key] = np.ascontiguousarray(
+            _to_torch(kind, np.asarray(get_path(variables[coll], path)))
+        )
     return out
 
 

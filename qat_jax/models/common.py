@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qat_jax import ops
+from qat_jax.tree import from_leaves_with_paths, get_path, leaves_with_paths
 
 __all__ = [
     "Conv",
@@ -200,12 +201,6 @@ def _iter_qstate(tree: Mapping, prefix: tuple[str, ...] = ()):
             yield from _iter_qstate(value, prefix + (key,))
 
 
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _kind(kernel_shape: tuple[int, ...], c_in: int) -> str:
     if len(kernel_shape) == 2:
         return "dense"
@@ -242,43 +237,22 @@ def quantizable_layers(variables: Mapping) -> list[QLayer]:
     qstate = variables.get("qstate", {})
     layers = []
     for index, path in enumerate(_iter_qstate(qstate)):
-        block = _get(qstate, path)["block"]
+        block = get_path(qstate, path)["block"]
         if isinstance(block, jax.ShapeDtypeStruct):
             raise ValueError(
                 "quantizable_layers needs concrete variables (block ids are data), not the "
                 "output of jax.eval_shape"
             )
-        kernel_shape = tuple(_get(variables["params"], path)["kernel"].shape)
+        kernel_shape = tuple(get_path(variables["params"], path)["kernel"].shape)
         if len(kernel_shape) == 2:
             c_in = kernel_shape[0]
         else:
-            c_in = int(_get(variables["quant"], path)["tau"].shape[0])
+            c_in = int(get_path(variables["quant"], path)["tau"].shape[0])
         block_id = int(np.asarray(block))
         rank = _LOCAL_ORDER.get(path[-1], len(_LOCAL_ORDER))
         layers.append(((block_id, rank, index), QLayer(path, block_id, _kind(kernel_shape, c_in))))
     layers.sort(key=lambda item: item[0])
     return [layer for _, layer in layers]
-
-
-def _flatten_ordered(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple, Any]]:
-    """``(path, leaf)`` of a nested dict in insertion order (pytree flattening sorts keys)."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.extend(_flatten_ordered(value, prefix + (key,)))
-        else:
-            out.append((prefix + (key,), value))
-    return out
-
-
-def _unflatten_ordered(items: list[tuple[tuple, Any]]) -> dict:
-    out: dict = {}
-    for path, leaf in items:
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return out
 
 
 def init_variables(
@@ -311,7 +285,7 @@ def init_variables(
             model.init({"params": params_rng, "dropout": dropout_rng}, x, train=False)
         )
         variables = {k: v for k, v in variables.items() if k not in _INIT_ONLY_COLLECTIONS}
-        items = _flatten_ordered(variables)
+        items = leaves_with_paths(variables)
         paths[:] = [path for path, _ in items]
         return [leaf for _, leaf in items]
 
@@ -322,4 +296,4 @@ def init_variables(
         leaves = jax.jit(init).lower(rng).compile(compiler_options=options)(rng)
     else:
         leaves = init(rng)
-    return _unflatten_ordered(list(zip(paths, leaves, strict=True)))
+    return from_leaves_with_paths(list(zip(paths, leaves, strict=True)))

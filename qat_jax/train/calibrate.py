@@ -24,7 +24,8 @@ import numpy as np
 from qat_jax import binarize, transform
 from qat_jax import layers as qlayers
 from qat_jax.train import parallel
-from qat_jax.train.state import Path, TrainState, get_path, set_path
+from qat_jax.train.state import TrainState
+from qat_jax.tree import Path, get_path, set_path
 
 __all__ = [
     "calibrate_layers",

@@ -17,7 +17,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "batch"
 
-__all__ = ["AXIS", "pmap", "replicate", "shard", "unreplicate", "local_device_count", "to_host"]
+__all__ = [
+    "AXIS",
+    "pmap",
+    "replicate",
+    "shard",
+    "unreplicate",
+    "local_device_count",
+    "to_host",
+    "to_numpy",
+]
 
 
 def local_device_count() -> int:
@@ -79,3 +88,8 @@ def unreplicate(tree):
 def to_host(tree):
     """``unreplicate`` and fetch to numpy (a host sync: call at log/checkpoint intervals only)."""
     return jax.tree.map(lambda x: np.asarray(_first_local(x))[0], tree)
+
+
+def to_numpy(tree):
+    """Fetch an unreplicated pytree (device or host arrays) to numpy arrays on the host."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))

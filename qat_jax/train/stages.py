@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 
 from qat_jax.layers import BINARIZING, FP, FROZEN
-from qat_jax.train.state import Path, map_with_path
+from qat_jax.tree import Path, map_with_path
 
 __all__ = ["ScheduleConfig", "Stage", "StageController", "FP_PHASE"]
 

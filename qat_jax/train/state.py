@@ -1,4 +1,4 @@
-"""The train state and helpers to address the variables of one layer by path.
+"""The train state and the split of a model's variables into trainable and state collections.
 
 A Flax model's variables are split into
 
@@ -21,10 +21,12 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from qat_jax.tree import Path
+
 TRAINABLE = ("params", "quant")
 STATE = ("batch_stats", "qstate", "calib", "binary")
 
-Path = tuple[str, ...]
+__all__ = ["TRAINABLE", "STATE", "Path", "TrainState", "split_variables", "ones_mask"]
 
 
 @flax.struct.dataclass
@@ -59,44 +61,6 @@ def split_variables(variables: Mapping) -> tuple[dict, dict]:
     trainable = {k: variables.get(k, {}) for k in TRAINABLE}
     state = {k: variables.get(k, {}) for k in STATE}
     return trainable, state
-
-
-def get_path(tree: Mapping, path: Path, default: Any = None) -> Any:
-    node = tree
-    for key in path:
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def set_path(tree: dict, path: Path, value: Any) -> dict:
-    """Functional update: a copy of the nested dict ``tree`` with ``tree[path] = value``."""
-    if not path:
-        return value
-    head, rest = path[0], path[1:]
-    out = dict(tree)
-    out[head] = set_path(dict(tree.get(head, {})), rest, value) if rest else value
-    return out
-
-
-def tree_paths(tree: Mapping, prefix: Path = ()) -> list[Path]:
-    """All leaf paths of a nested dict, in insertion order."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.extend(tree_paths(value, prefix + (key,)))
-        else:
-            out.append(prefix + (key,))
-    return out
-
-
-def map_with_path(fn, tree: Mapping, prefix: Path = ()) -> dict:
-    """``fn(path, leaf)`` over a nested dict."""
-    return {
-        k: map_with_path(fn, v, prefix + (k,)) if isinstance(v, Mapping) else fn(prefix + (k,), v)
-        for k, v in tree.items()
-    }
 
 
 def ones_mask(params: Mapping) -> dict:

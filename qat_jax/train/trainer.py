@@ -34,7 +34,8 @@ from qat_jax import summary as qsummary
 from qat_jax.train import calibrate, checkpoint, parallel, reporting, schedules, steps
 from qat_jax.train.methods import method_settings
 from qat_jax.train.stages import FP_PHASE, ScheduleConfig, StageController
-from qat_jax.train.state import TrainState, get_path, map_with_path, split_variables
+from qat_jax.train.state import TrainState, split_variables
+from qat_jax.tree import get_path, map_with_path
 
 __all__ = ["train_and_evaluate", "build_model", "validate_config", "ConfigError"]
 
@@ -231,10 +232,6 @@ def _quant_layer_metrics(hstate: TrainState, layers, qcfg, prev_b: dict) -> dict
     return out
 
 
-def _host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
 def _check_finite(acc_metrics: list, step: int, ckpt_dir: str) -> None:
     """Raise before a checkpoint if a step since the last log had a non-finite loss/gradient."""
     bad = sum(float(parallel.to_host(m["nonfinite"])) for m in acc_metrics)
@@ -306,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         opt_state=(tx_fp if fp_steps else tx_qat).init(trainable),
         mask=mask0,
     )
-    hstate = _host(hstate)
+    hstate = parallel.to_numpy(hstate)
 
     loss_cfg = steps.LossConfig(
         label_smoothing=float(config.loss.label_smoothing),
@@ -351,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = ckpt.restore_latest(hstate)
     if restored is not None:
         step, hstate, meta = restored
-        hstate = _host(hstate)
+        hstate = parallel.to_numpy(hstate)
         if controller:
             controller.restore(meta["controller"])
         train_iter.set_state(meta["data"])
@@ -464,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         halt = int(config.halt_after_step) > 0 and step == int(config.halt_after_step)
         if (step % config.checkpoint_every == 0 or halt) and step < total_steps:
             _check_finite(acc_metrics, step, ckpt.directory)
-            save(step, _host(parallel.unreplicate(rstate)))
+            save(step, parallel.to_host(rstate))
         if halt and step < total_steps:
             reporter.info(f"halted after step {step} (halt_after_step); rerun to resume")
             ckpt.close()
@@ -473,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # End of run.
     t_final = time.time()
-    hstate = _host(parallel.unreplicate(rstate))
+    hstate = parallel.to_host(rstate)
     if controller is None:
         hstate = run.reestimate(hstate)
         # The FP model, for later runs' config.init (the comparison shares it between methods).
@@ -636,7 +633,7 @@ def _enter_stage(run: _Run, hstate, k: int, stage_acc: list, eval_cfg, stage_sec
     c.entered = k
     record = {"stage": k, "seconds": time.time() - t0, **diag}
     run.reporter.write(int(hstate.step), "transition", record)
-    return _host(hstate)
+    return parallel.to_numpy(hstate)
 
 
 def _activation_metrics(run: _Run, hstate, c: StageController, k: int) -> dict:
