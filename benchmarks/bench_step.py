@@ -140,29 +140,27 @@ class MethodSetup:
 
 
 def method_setup(config, method: str) -> MethodSetup:
-    """``method`` on ``config`` exactly as the trainer sets it up (``qat_jax/train/trainer.py``).
+    """``method`` on ``config`` exactly as the trainer sets it up (:mod:`qat_jax.experiment`).
 
     The quant config (transform, activation gradient, weight clip), the schedule (granularity,
-    transform training) and, through ``config.method``, the model options of ``build_model``
-    (RPReLU, shortcut) come from the trainer's own functions; only the step counts of the
+    transform training) and, through ``config.method``, the model options of ``create_model``
+    (RPReLU, shortcut) come from the builders the trainer uses; only the step counts of the
     schedule are the benchmark's (one step per stage and in the final phase).
     """
-    from qat_jax.train import trainer
+    from qat_jax import experiment
     from qat_jax.train.methods import method_settings
 
-    settings = method_settings(method)
     mcfg = copy.deepcopy(config)
-    mcfg.method = method  # build_model reads the method's model options from config.method
-    # The trainer's private helpers (qat_jax.comparison uses them too); no public name yet.
-    sched = trainer._schedule_config(mcfg, settings)
-    sched = dataclasses.replace(
-        sched,
-        steps_per_stage=1,
-        final_steps=1,
-        total_stage_steps=0,
-        acts_first_steps=min(sched.acts_first_steps, 1),
+    mcfg.method = method  # create_model reads the method's model options from config.method
+    s = mcfg.schedule
+    s.steps_per_stage, s.final_steps, s.total_stage_steps = 1, 1, 0
+    s.acts_first_steps = min(int(s.get("acts_first_steps", 0)), 1)
+    return MethodSetup(
+        mcfg,
+        method_settings(method),
+        experiment.quant_config(mcfg),
+        experiment.schedule_config(mcfg),
     )
-    return MethodSetup(mcfg, settings, trainer._quant_config(mcfg, settings), sched)
 
 
 class Bench:
@@ -171,14 +169,10 @@ class Bench:
     def __init__(self, setup: Setup, seed: int = 0, methods=("fp", "xnor", "bitat")):
         import jax
         import numpy as np
-        import optax
 
+        from qat_jax import experiment
         from qat_jax import models as qmodels
         from qat_jax.train import parallel, steps
-        from qat_jax.train.stages import StageController
-        from qat_jax.train.state import TrainState, split_variables
-        from qat_jax.train.trainer import binary_layers, build_model
-        from qat_jax.tree import map_with_path
 
         self.setup = setup
         cfg = setup.config
@@ -194,42 +188,27 @@ class Bench:
         self.rng = parallel.replicate(jax.random.PRNGKey(seed))
         self.models, self.states, self.controllers, self.qcfgs = {}, {}, {}, {}
         self.steps_fn = {}
-        loss = steps.LossConfig(
-            kd_weight=float(cfg.loss.kd_weight),
-            kd_temperature=float(cfg.loss.kd_temperature),
-            info_weight=float(cfg.loss.info_weight),
-            label_smoothing=float(cfg.loss.label_smoothing),
-        )
-        tx = optax.chain(optax.adam(1e-4))
+        tx = experiment.create_optimizer(cfg.optim, 1e-4)  # Adam at a constant rate
         self.methods = tuple(methods)
         for method in self.methods:
             ms = method_setup(cfg, method)
             settings, qcfg = ms.settings, ms.quant
-            model = build_model(ms.config, setup.num_classes, qcfg, bn_axis_name=parallel.AXIS)
+            model = experiment.create_model(
+                ms.config, setup.num_classes, qcfg, bn_axis_name=parallel.AXIS
+            )
             variables = qmodels.init_variables(
                 model, jax.random.PRNGKey(seed), (1, *setup.image_shape)
             )
-            trainable, state_vars = split_variables(variables)
-            hstate = TrainState(
-                step=np.asarray(0, np.int32),
-                params=trainable,
-                state=state_vars,
-                opt_state=tx.init(trainable),
-                mask=map_with_path(lambda p, _: np.float32(p[0] == "params"), trainable),
-            )
             self.models[method] = model
             self.qcfgs[method] = qcfg
-            self.states[method] = jax.tree.map(np.asarray, jax.device_get(hstate))
+            self.states[method] = experiment.create_train_state(variables, tx)
             if settings.quantize:
-                qlayer_list = binary_layers(ms.config, qmodels.quantizable_layers(variables))
-                layers = [(q.path, q.block_id) for q in qlayer_list]
-                self.controllers[method] = StageController(layers, ms.schedule)
+                qlayer_list = experiment.binary_layers(
+                    ms.config, qmodels.quantizable_layers(variables)
+                )
+                self.controllers[method] = experiment.create_controller(ms.config, qlayer_list)
             # The FP phase: cross-entropy only, as the trainer's.
-            lc = (
-                loss
-                if settings.quantize
-                else dataclasses.replace(loss, kd_weight=0.0, info_weight=0.0)
-            )
+            lc = experiment.loss_config(ms.config, fp_phase=not settings.quantize)
             self.steps_fn[method] = parallel.pmap(
                 steps.make_train_step(model, tx, lc), donate_argnums=(0,)
             )

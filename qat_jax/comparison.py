@@ -29,6 +29,7 @@ and ``stages.png`` (test accuracy after each stage of the progressive methods, m
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -61,19 +62,16 @@ def stage_budget(base: ml_collections.ConfigDict) -> int:
     import jax
 
     from qat_jax import data as qdata
+    from qat_jax import experiment
     from qat_jax import models as qmodels
-    from qat_jax.train import trainer
-    from qat_jax.train.methods import method_settings
-    from qat_jax.train.stages import StageController
 
-    settings = method_settings("progressive")
+    progressive = copy.deepcopy(base)  # the stages of the progressive schedule on base's model
+    progressive.method = "progressive"
     info = qdata.dataset_info(base.dataset)
-    model = trainer.build_model(base, info.num_classes, trainer._quant_config(base, settings))
+    model = experiment.create_model(progressive, info.num_classes)
     variables = qmodels.init_variables(model, jax.random.PRNGKey(0), (1, *info.image_shape))
-    layers = trainer.binary_layers(base, qmodels.quantizable_layers(variables))
-    controller = StageController(
-        [(q.path, q.block_id) for q in layers], trainer._schedule_config(base, settings)
-    )
+    layers = experiment.binary_layers(progressive, qmodels.quantizable_layers(variables))
+    controller = experiment.create_controller(progressive, layers)
     return controller.num_stages * int(base.schedule.steps_per_stage)
 
 

@@ -275,14 +275,14 @@ def main(argv=None) -> int:
         title = f"model summary ({run.config.method}, {args.workdir}, step {run.step})"
     else:
         from qat_jax import data as qdata
+        from qat_jax import experiment
         from qat_jax.train.config_files import load_config_file
         from qat_jax.train.methods import method_settings
-        from qat_jax.train.trainer import build_model
 
         config = load_config_file(args.config)
         spec_shape, classes = _dataset_shape(config, qdata, args.num_classes)
         settings = method_settings(config.method)
-        model = build_model(config, classes, qlayers.QuantConfig(transform=settings.transform))
+        model = experiment.create_model(config, classes)
         shape = spec_shape
         variables = jax.eval_shape(
             lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False),

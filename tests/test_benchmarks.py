@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from qat_jax.train import trainer
+from qat_jax import experiment
 from qat_jax.train.methods import METHODS, method_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,13 +71,13 @@ def test_methods_are_set_up_as_the_trainer_does(bench_step, setup_name):
         ms = bench_step.method_setup(setup.config, method)
         assert ms.settings == settings, method
         assert ms.config.method == method
-        assert ms.quant == trainer._quant_config(cfg, settings), method
-        sched = trainer._schedule_config(cfg, settings)
+        assert ms.quant == experiment.quant_config(cfg), method
+        sched = experiment.schedule_config(cfg)
         assert ms.schedule.granularity == sched.granularity, method
         assert ms.schedule.train_transform == sched.train_transform, method
         assert ms.schedule.final_train_latent == sched.final_train_latent, method
-        bench_model = trainer.build_model(ms.config, setup.num_classes, ms.quant)
-        model = trainer.build_model(cfg, setup.num_classes, ms.quant)
+        bench_model = experiment.create_model(ms.config, setup.num_classes, ms.quant)
+        model = experiment.create_model(cfg, setup.num_classes, ms.quant)
         for option in ("rprelu", "binary_shortcut"):
             assert getattr(bench_model, option, None) == getattr(model, option, None), (
                 method,

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from qat_jax import experiment
 from qat_jax.data import get_config_defaults
 from qat_jax.train.config_files import load_config_file
 from qat_jax.train.methods import METHODS, method_settings
-from qat_jax.train.trainer import _quant_config, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -28,8 +28,7 @@ def test_config_loads_locked_and_builds(path):
     with pytest.raises(AttributeError):
         c.schedule.no_such_key = 1
     assert set(get_config_defaults().keys()) <= set(c.dataset.keys())
-    settings = method_settings(c.method)
-    model = build_model(c, NUM_CLASSES[c.dataset.name], _quant_config(c, settings))
+    model = experiment.create_model(c, NUM_CLASSES[c.dataset.name])
     size = c.dataset.image_size
     x = jax.ShapeDtypeStruct((2, size, size, CHANNELS[c.dataset.name]), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
@@ -45,8 +44,7 @@ def test_compare_config_is_locked_and_its_base_is_a_training_config(path):
     for m in c.methods:
         method_settings(m)
     assert c.base.init == "train_fp"
-    settings = method_settings("bitat")
-    build_model(c.base, NUM_CLASSES[c.base.dataset.name], _quant_config(c.base, settings))
+    experiment.create_model(c.base, NUM_CLASSES[c.base.dataset.name])
 
 
 def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
@@ -58,7 +56,7 @@ def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
 
     def built(method, key):
         c.method, c.model.binary_shortcut = method, key
-        return build_model(c, 10, _quant_config(c, method_settings(method)))
+        return experiment.create_model(c, 10)
 
     assert built("bitat", False).binary_shortcut is False
     assert built("bitat", True).binary_shortcut is True
@@ -69,7 +67,7 @@ def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
     r = load_config_file(os.path.join(ROOT, "configs", "resnet20_cifar10.py"))
     r.unlock()
     r.method = "reactnet"
-    model = build_model(r, 10, _quant_config(r, method_settings("reactnet")))
+    model = experiment.create_model(r, 10)
     assert model.rprelu and not hasattr(model, "binary_shortcut")
 
 

@@ -19,13 +19,12 @@ import pytest
 from numerics import assert_logits_match
 
 from qat_jax import data as qdata
-from qat_jax import export, interop, ops
+from qat_jax import experiment, export, interop, ops
 from qat_jax import layers as qlayers
 from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
 from qat_jax.models.resnet import ResNet
 from qat_jax.train import train_and_evaluate
 from qat_jax.train.config_files import load_config_file
-from qat_jax.train.trainer import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -233,7 +232,7 @@ def tiny_run(tmp_path_factory, fashion_mnist_dir):
     # model, so no FP phase is trained here.
     init_path = os.path.join(root, "fp_init.safetensors")
     cfg = _tiny_config(data_dir, init_path)
-    model = build_model(cfg, 10, qlayers.QuantConfig())
+    model = experiment.create_model(cfg, 10)
     fp = init_variables(model, jax.random.PRNGKey(42), (1, 32, 32, 1))
     interop.save_torchvision_safetensors(init_path, model, fp)
     workdir = os.path.join(root, "run")

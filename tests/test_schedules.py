@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+from qat_jax.experiment import create_optimizer
 from qat_jax.train import schedules
 from qat_jax.train.stages import ScheduleConfig, StageController
-from qat_jax.train.trainer import _optimizer
 
 LAYERS = [
     (("b0", "expand"), 0),
@@ -108,13 +108,13 @@ def test_per_stage_schedule_skips_empty_final_phase():
 
 
 def test_optimizer_uses_its_schedule_at_its_count():
-    """Adam through ``_optimizer`` (with a clip in front): the update at count ``c`` is
+    """Adam through ``create_optimizer`` (with a clip in front): the update at count ``c`` is
     ``-schedule(c)`` (a constant gradient makes Adam's direction +-1), and
     :func:`schedules.schedule_count` reads that count."""
     f = schedules.per_stage_schedule([2, 3], 1.0, 0, 0.1)
     cfg = _optim()
     cfg.grad_clip = 10.0
-    tx = _optimizer(cfg, f)
+    tx = create_optimizer(cfg, f)
     params = {"w": jnp.ones((3,), jnp.float32)}
     state = tx.init(params)
     for c in range(5):

@@ -295,9 +295,8 @@ def test_mismatched_state_dict_lists_every_bad_key():
 
 
 def test_trainer_accepts_torch_weight_files_as_init(tmp_path):
-    from qat_jax.train import ConfigError
+    from qat_jax.experiment import ConfigError, validate_config
     from qat_jax.train.config_files import load_config_file
-    from qat_jax.train.trainer import validate_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     c = load_config_file(os.path.join(root, "configs/tiny.py"))

@@ -34,6 +34,7 @@ import flax
 import flax.linen as nn
 import numpy as np
 
+from qat_jax import experiment
 from qat_jax import layers as qlayers
 from qat_jax import shortcut as qshortcut
 from qat_jax.export.packing import num_words, pack_rows
@@ -154,7 +155,7 @@ class _Builder:
         calib = {
             k: np.asarray(v) for k, v in (get_path(self.v.get("calib", {}), path) or {}).items()
         }
-        cfg = qlayers.QuantConfig(transform="P" in quant)
+        cfg = experiment.variables_quant_config(quant)
         b, alpha, _ = qlayers.layer_binary_weights(params["kernel"], groups, quant, calib, cfg)
         return np.asarray(b).astype(np.int8), np.asarray(alpha, np.float32)
 

@@ -21,13 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qat_jax import data as qdata
-from qat_jax import layers as qlayers
+from qat_jax import experiment
 from qat_jax.data import registry
 from qat_jax.export import fileformat, graph
 from qat_jax.export.inference import make_packed_forward
 from qat_jax.export.packing import WORD_BITS
-from qat_jax.train.methods import method_settings
-from qat_jax.train.trainer import build_model
 
 __all__ = [
     "FORMAT_NAME",
@@ -89,10 +87,8 @@ def load_run_variables(workdir: str, step: int | None = None) -> RunVariables:
     state, meta = out["state"], dict(out["meta"])
     config = ml_collections.ConfigDict(meta["config"])
     variables = jax.tree.map(np.asarray, {**state["params"], **state["state"]})
-    settings = method_settings(config.method)
-    qcfg = qlayers.QuantConfig(transform=settings.transform, act_grad=config.quant.act_grad)
     num_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
-    model = build_model(config, num_classes, qcfg)
+    model = experiment.create_model(config, num_classes)
     size = int(config.dataset.image_size)
     channels = int(variables["params"]["stem"]["kernel"].shape[2])
     return RunVariables(model, variables, config, step, (size, size, channels))

@@ -7,7 +7,8 @@ inputs and returning float32 logits ``[N, num_classes]``. Every conv except the 
 * :func:`create_model` builds a model by name (``'mobilenetv2'``, ``'resnet20'``,
   ``'resnet18'``) from its constructor keyword arguments;
 * :func:`init_variables` initialises it (``train=False``, init-only collections dropped);
-* :func:`quantizable_layers` lists its binary layers (:class:`QLayer`) bottom to top.
+* :func:`quantizable_layers` lists its binary layers (:class:`QLayer`) bottom to top
+  (:func:`traced_quantizable_layers`: the same list from the model alone, computing nothing).
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
-from qat_jax.models.common import QLayer, init_variables, quantizable_layers
+from qat_jax.models.common import (
+    LAYER_KINDS,
+    QLayer,
+    init_variables,
+    quantizable_layers,
+    traced_quantizable_layers,
+)
 from qat_jax.models.mobilenetv2 import MobileNetV2
 from qat_jax.models.resnet import ResNet18, ResNet20
 
 __all__ = [
+    "LAYER_KINDS",
     "MODELS",
     "MobileNetV2",
     "QLayer",
@@ -30,6 +38,7 @@ __all__ = [
     "has_option",
     "init_variables",
     "quantizable_layers",
+    "traced_quantizable_layers",
 ]
 
 #: Registry: model name -> module class.

@@ -29,15 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from qat_jax import ops
+from qat_jax.layers import BinaryConv, BinaryDense
 from qat_jax.tree import from_leaves_with_paths, get_path, leaves_with_paths
 
 __all__ = [
     "Conv",
+    "LAYER_KINDS",
     "QLayer",
     "batch_norm",
     "init_variables",
     "kaiming_normal_fan_out",
     "quantizable_layers",
+    "traced_quantizable_layers",
     "torch_linear_init",
     "_make_divisible",
 ]
@@ -69,7 +72,8 @@ _LOCAL_ORDER = {
     "head_conv": 0,
 }
 
-QLAYER_KINDS = ("conv", "depthwise", "pointwise", "dense")
+#: The kinds of :class:`QLayer` (``quant.fp_kinds`` of a config names some of them).
+LAYER_KINDS = ("conv", "depthwise", "pointwise", "dense")
 
 
 def _make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
@@ -228,15 +232,15 @@ def quantizable_layers(variables: Mapping) -> list[QLayer]:
 
     Args:
       variables: the variables of an initialised model (concrete arrays: the block ids are read;
-        ``jax.eval_shape`` outputs are not enough).
+        ``jax.eval_shape`` outputs are not enough, see :func:`traced_quantizable_layers`).
 
     Returns:
       A list of :class:`QLayer`; stem and classifier (FP) are absent.
     """
     variables = flax.core.unfreeze(variables) if isinstance(variables, Mapping) else variables
     qstate = variables.get("qstate", {})
-    layers = []
-    for index, path in enumerate(_iter_qstate(qstate)):
+    found = []
+    for path in _iter_qstate(qstate):
         block = get_path(qstate, path)["block"]
         if isinstance(block, jax.ShapeDtypeStruct):
             raise ValueError(
@@ -248,11 +252,62 @@ def quantizable_layers(variables: Mapping) -> list[QLayer]:
             c_in = kernel_shape[0]
         else:
             c_in = int(get_path(variables["quant"], path)["tau"].shape[0])
-        block_id = int(np.asarray(block))
+        found.append((path, int(np.asarray(block)), kernel_shape, c_in))
+    return _ordered_layers(found)
+
+
+def _ordered_layers(found: list[tuple[tuple[str, ...], int, tuple[int, ...], int]]) -> list[QLayer]:
+    """``(path, block id, kernel shape, C_in)`` in module order -> sorted :class:`QLayer` list."""
+    layers = []
+    for index, (path, block_id, kernel_shape, c_in) in enumerate(found):
         rank = _LOCAL_ORDER.get(path[-1], len(_LOCAL_ORDER))
         layers.append(((block_id, rank, index), QLayer(path, block_id, _kind(kernel_shape, c_in))))
     layers.sort(key=lambda item: item[0])
     return [layer for _, layer in layers]
+
+
+def traced_quantizable_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[QLayer]:
+    """:func:`quantizable_layers` of ``model`` without computing anything (for checks that must
+    come before any compute, e.g. the number of stages of a schedule).
+
+    ``model.init`` is only traced (``jax.eval_shape``: no XLA compile, no arrays), and the binary
+    layers are not even traced: each :class:`~qat_jax.layers.BinaryConv`/
+    :class:`~qat_jax.layers.BinaryDense` call is recorded from its attributes (``block_id``,
+    which its ``qstate/block`` is initialised to, kernel size, groups, features) and its input's
+    shape, and returns zeros of its output's shape. The list equals
+    ``quantizable_layers(init_variables(model, ...))`` (tested for every model of the zoo).
+
+    Args:
+      model: a model of the zoo (any module taking ``(x, train)`` built from binary layers).
+      input_shape: ``(N, H, W, C)`` of an input the model accepts.
+    """
+    found = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, BinaryConv | BinaryDense):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        c_in = int(x.shape[-1])
+        if isinstance(module, BinaryDense):
+            kernel_shape = (c_in, int(module.features))
+            out = jnp.zeros((*x.shape[:-1], int(module.features)), module.dtype)
+        else:
+            groups = int(module.feature_group_count)
+            kernel_shape = (*module.kernel_size, c_in // groups, int(module.features))
+            kernel = jnp.zeros(kernel_shape, module.dtype)
+            # The output shape of the layer's own conv (padding, strides), on zeros.
+            out = ops.conv2d(x.astype(module.dtype), kernel, module.strides, None, groups, "xla")
+        found.append((tuple(module.path), int(module.block_id), kernel_shape, c_in))
+        return out
+
+    def init(key, x):
+        return model.init({"params": key, "dropout": key}, x, train=False)
+
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(init, jax.random.PRNGKey(0), x)
+    return _ordered_layers(found)
 
 
 def init_variables(

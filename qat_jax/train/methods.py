@@ -34,7 +34,7 @@ class MethodSettings:
     act_grad: str | None = None  # None: use the config's quant.act_grad
     rprelu: bool = False  # RPReLU after binary convs (ReActNet)
     # Real-valued shortcut around every binary conv (Bi-Real/ReActNet; OR-ed with the config's
-    # model.binary_shortcut by the trainer's build_model, for the models that have the option).
+    # model.binary_shortcut by qat_jax.experiment.create_model, on the models with the option).
     shortcut: bool = False
 
 

@@ -2,8 +2,8 @@
 
 Flow of one run (restartable at any point with the same command):
 
-1. build data, model and the stage controller from the config; restore the latest complete
-   checkpoint if the workdir has one;
+1. validate the config, build data, model and the stage controller from it (the builders of
+   :mod:`qat_jax.experiment`); restore the latest complete checkpoint if the workdir has one;
 2. FP phase (``config.init == 'train_fp'``) or load the FP model (``config.init = <path>``);
    the FP model becomes the KD teacher and is saved to ``<workdir>/teacher``;
 3. for every stage: materialise blocks completed by the previous stage, re-estimate BN, evaluate,
@@ -24,129 +24,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from qat_jax import data as qdata
-from qat_jax import interop
+from qat_jax import experiment, interop
 from qat_jax import layers as qlayers
 from qat_jax import models as qmodels
 from qat_jax import summary as qsummary
+from qat_jax.experiment import ConfigError
 from qat_jax.train import calibrate, checkpoint, parallel, reporting, schedules, steps
 from qat_jax.train.methods import method_settings
-from qat_jax.train.stages import FP_PHASE, ScheduleConfig, StageController
-from qat_jax.train.state import TrainState, split_variables
-from qat_jax.tree import get_path, map_with_path
+from qat_jax.train.stages import FP_PHASE, StageController
+from qat_jax.train.state import TrainState
+from qat_jax.tree import get_path
 
-__all__ = ["train_and_evaluate", "build_model", "validate_config", "ConfigError"]
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; raised before any compute starts."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Fail fast, with the fix in the message, on configs that cannot run."""
-    try:
-        settings = method_settings(config.method)
-    except ValueError as e:
-        raise ConfigError(f"{e} (--config.method)") from None
-    if config.batch_size <= 0 or config.batch_size % num_devices:
-        raise ConfigError(
-            f"batch_size={config.batch_size} must be a positive multiple of the "
-            f"{num_devices} devices: set --config.batch_size"
-        )
-    if config.eval_batch_size <= 0 or config.eval_batch_size % num_devices:
-        raise ConfigError(
-            f"eval_batch_size={config.eval_batch_size} must be a positive multiple of the "
-            f"{num_devices} devices: set --config.eval_batch_size"
-        )
-    if config.init == "train_fp" and config.fp.steps <= 0:
-        raise ConfigError(
-            "init='train_fp' needs fp.steps > 0 (or set --config.init to a checkpoint)"
-        )
-    init_file = interop.is_torch_checkpoint(config.init) and os.path.isfile(config.init)
-    if config.init != "train_fp" and not (os.path.isdir(os.path.abspath(config.init)) or init_file):
-        raise ConfigError(
-            f"init checkpoint {config.init!r} does not exist: pass the directory of a saved FP "
-            "model (e.g. <workdir>/teacher of an earlier run), a torchvision-layout .pth/"
-            ".safetensors file, or --config.init=train_fp"
-        )
-    _fp_kinds(config)
-    if config.optim.get("schedule", "global") not in schedules.SCHEDULES:
-        raise ConfigError(
-            f"optim.schedule must be one of {schedules.SCHEDULES}, got "
-            f"{config.optim.schedule!r}: set --config.optim.schedule"
-        )
-    if settings.quantize:
-        try:
-            _schedule_config(config, settings).validate()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if config.schedule.calib_batches <= 0:
-            raise ConfigError("schedule.calib_batches must be > 0")
-    if config.log_every <= 0 or config.checkpoint_every <= 0:
-        raise ConfigError("log_every and checkpoint_every must be > 0")
-
-
-def _schedule_config(config, settings) -> ScheduleConfig:
-    s = config.schedule
-    return ScheduleConfig(
-        granularity=settings.granularity or s.granularity,
-        steps_per_stage=int(s.steps_per_stage),
-        final_steps=int(s.final_steps),
-        total_stage_steps=int(s.total_stage_steps),
-        train_transform=settings.train_transform and bool(config.quant.train_transform),
-        final_train_latent=bool(s.final_train_latent),
-        acts_first_steps=int(s.get("acts_first_steps", 0)),
-    )
-
-
-def _quant_config(config, settings) -> qlayers.QuantConfig:
-    q = config.quant
-    return qlayers.QuantConfig(
-        transform=settings.transform,
-        weight_clip=None if q.weight_clip is None or q.weight_clip <= 0 else float(q.weight_clip),
-        act_grad=settings.act_grad or q.act_grad,
-        binarize_input=True,
-        normalize_c=True,
-    )
-
-
-def build_model(config, num_classes: int, qcfg: qlayers.QuantConfig, bn_axis_name=None):
-    """The configured model (``config.model``: ``name`` plus that model's constructor args).
-
-    The method can switch model options on (never off): ``rprelu`` and, on the models that have
-    it (MobileNetV2), ``binary_shortcut`` for ``reactnet``.
-    """
-    kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-    for key in ("inverted_residual_setting",):
-        if kwargs.get(key) is not None:
-            kwargs[key] = tuple(tuple(int(v) for v in row) for row in kwargs[key])
-        elif key in kwargs:
-            del kwargs[key]
-    if "dtype" in kwargs:
-        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    settings = method_settings(config.method)
-    if settings.rprelu:
-        kwargs["rprelu"] = True
-    if settings.shortcut and qmodels.has_option(config.model.name, "binary_shortcut"):
-        kwargs["binary_shortcut"] = True  # OR-ed with config.model.binary_shortcut
-    return qmodels.create_model(
-        config.model.name, num_classes=num_classes, quant=qcfg, bn_axis_name=bn_axis_name, **kwargs
-    )
-
-
-def _optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Adam with the learning rate ``schedule`` (``qat_jax.train.schedules``), optional clip."""
-    parts = []
-    if cfg.grad_clip and cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adam(schedule))
-    return optax.chain(*parts)
+__all__ = ["train_and_evaluate", "ConfigError"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     ndev = jax.local_device_count()
-    validate_config(config, ndev * jax.process_count())
+    experiment.validate_config(config, ndev * jax.process_count())
     settings = method_settings(config.method)
     is_main = jax.process_index() == 0
     reporter = reporting.Reporter(workdir, enabled=is_main, progress=config.progress)
@@ -267,21 +158,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     calib_pool = [next(calib_iter)["image"] for _ in range(n_pool)]
 
     # Model and schedule.
-    qcfg = _quant_config(config, settings)
-    model = build_model(config, info.num_classes, qcfg, bn_axis_name=parallel.AXIS)
+    qcfg = experiment.quant_config(config)
+    model = experiment.create_model(config, info.num_classes, qcfg, bn_axis_name=parallel.AXIS)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     variables = qmodels.init_variables(model, init_rng, (1, *info.image_shape))
-    qlayer_list = binary_layers(config, qmodels.quantizable_layers(variables))
+    qlayer_list = experiment.binary_layers(config, qmodels.quantizable_layers(variables))
     run_params = _param_counts(variables, qlayer_list if settings.quantize else [])
     fp_steps = int(config.fp.steps) if config.init == "train_fp" else 0
-    controller = None
-    if settings.quantize:
-        controller = StageController(
-            [(q.path, q.block_id) for q in qlayer_list],
-            _schedule_config(config, settings),
-            qat_start=fp_steps,
-        )
+    controller = experiment.create_controller(config, qlayer_list, qat_start=fp_steps)
     total_steps = controller.total_steps if controller else fp_steps
     qat_steps = total_steps - fp_steps
     fp_cfg = config.fp
@@ -290,28 +175,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     # optim.schedule: 'global' (one cosine over all QAT steps) or 'per_stage' (restarted).
     lr_qat = schedules.qat_schedule(config.optim, controller, qat_steps)
-    tx_fp = _optimizer(fp_cfg, lr_fp)
-    tx_qat = _optimizer(config.optim, lr_qat)
-
-    trainable, state_vars = split_variables(variables)
+    tx_fp = experiment.create_optimizer(fp_cfg, lr_fp)
+    tx_qat = experiment.create_optimizer(config.optim, lr_qat)
     # FP phase: latent weights, BN, stem and classifier train; quantizer variables do not.
-    mask0 = map_with_path(lambda path, _: np.float32(path[0] == "params"), trainable)
-    hstate = TrainState(
-        step=np.asarray(0, np.int32),
-        params=trainable,
-        state=state_vars,
-        opt_state=(tx_fp if fp_steps else tx_qat).init(trainable),
-        mask=mask0,
-    )
-    hstate = parallel.to_numpy(hstate)
+    hstate = experiment.create_train_state(variables, tx_fp if fp_steps else tx_qat)
 
-    loss_cfg = steps.LossConfig(
-        label_smoothing=float(config.loss.label_smoothing),
-        kd_weight=float(config.loss.kd_weight),
-        kd_temperature=float(config.loss.kd_temperature),
-        info_weight=float(config.loss.info_weight),
-    )
-    fp_loss_cfg = dataclasses.replace(loss_cfg, kd_weight=0.0, info_weight=0.0)
+    loss_cfg = experiment.loss_config(config)
+    fp_loss_cfg = experiment.loss_config(config, fp_phase=True)
     p_train_fp = parallel.pmap(
         steps.make_train_step(model, tx_fp, fp_loss_cfg, lr_fp), donate_argnums=(0,)
     )
@@ -659,29 +529,6 @@ def _modes_after(c: StageController, k: int):
     for p in c.stages[k].completes:
         modes[p] = (qlayers.FROZEN, 1)
     return modes
-
-
-LAYER_KINDS = ("conv", "depthwise", "pointwise", "dense")
-
-
-def _fp_kinds(config) -> tuple[str, ...]:
-    """``quant.fp_kinds``, checked against :data:`LAYER_KINDS`."""
-    fp_kinds = tuple(config.quant.get("fp_kinds", ()) or ())
-    unknown = [k for k in fp_kinds if k not in LAYER_KINDS]
-    if unknown:
-        raise ConfigError(
-            f"quant.fp_kinds has unknown layer kinds {unknown}; choose from {LAYER_KINDS}"
-        )
-    return fp_kinds
-
-
-def binary_layers(config, layers: list) -> list:
-    """The quantizable layers the schedule binarizes: all but the kinds in ``quant.fp_kinds``."""
-    fp_kinds = _fp_kinds(config)
-    kept = [q for q in layers if q.kind not in fp_kinds]
-    if not kept:
-        raise ConfigError(f"quant.fp_kinds={fp_kinds} leaves no layer to binarize")
-    return kept
 
 
 def _param_counts(variables, binary_layers) -> dict:
