@@ -1,4 +1,5 @@
-"""Export: the .qat file (format, packing), the XNOR-popcount packed forward, the CLI.
+"""Export: the .qat file (format, packing), the XNOR-popcount packed forward, the CLI, and the
+fallback of the run reader (export and summary) from a corrupt latest checkpoint.
 
 One tiny run (configs/tiny.py reduced to one stage, started from a torchvision-layout .safetensors file, so it also
 checks ``config.init=<file>``) is exported; the packed forward must reproduce the training-time
@@ -7,6 +8,7 @@ eval logits on the real Fashion-MNIST eval split and give identical predictions.
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from qat_jax import experiment, export, interop, ops
 from qat_jax import layers as qlayers
 from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
 from qat_jax.models.resnet import ResNet
-from qat_jax.train import train_and_evaluate
+from qat_jax.train import checkpoint, train_and_evaluate
 from qat_jax.train.config_files import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,3 +346,70 @@ def test_packed_forward_reproduces_eval_logits_on_the_test_split(tiny_run, tmp_p
     assert_logits_match(got, want, LOGIT_RTOL)
     # ... and the packed model's accuracy is the run's final W1A1 test accuracy.
     assert np.mean(got.argmax(-1) == labels) == pytest.approx(summary["w1a1_accuracy"], abs=1e-9)
+
+
+# --- a corrupt latest checkpoint: the reader falls back, and says to which step ----------------
+
+
+def _copy_with_corrupt_latest(workdir, dst) -> list[int]:
+    """A copy of the run whose latest checkpoint has every file truncated to half its size (its
+    JSON records end mid-string, its arrays are short); returns the copy's checkpoint steps."""
+    shutil.copytree(workdir, dst)
+    steps = checkpoint.checkpoint_steps(os.path.join(dst, "checkpoints"))
+    assert len(steps) >= 2, steps
+    for root, _, files in os.walk(os.path.join(dst, "checkpoints", str(steps[-1]))):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("export_tiny_run")
+def test_run_reader_falls_back_to_the_newest_readable_checkpoint(tiny_run, tmp_path, caplog):
+    workdir, _, _, _ = tiny_run
+    copy = str(tmp_path / "run")
+    steps = _copy_with_corrupt_latest(workdir, copy)
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        run = export.load_run_variables(copy)
+    assert run.step == steps[-2]
+    assert [s for s, _ in run.unreadable] == [steps[-1]]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert f"checkpoint {steps[-1]} in " in message and "unreadable" in message
+    assert message.endswith(f"; using step {steps[-2]}")
+    want = export.load_run_variables(workdir, steps[-2])
+    for a, b in zip(jax.tree.leaves(run.variables), jax.tree.leaves(want.variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(checkpoint.CheckpointReadError, match=f"checkpoint {steps[-1]} in "):
+        export.load_run_variables(copy, steps[-1])  # an explicit step does not fall back
+    with pytest.raises(FileNotFoundError, match="no checkpoint 12345"):
+        export.load_run_variables(copy, 12345)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("export_tiny_run")
+@pytest.mark.parametrize("cli", ["export", "summary"])
+def test_export_and_summary_clis_fall_back_and_name_the_step(tiny_run, tmp_path, cli):
+    workdir, _, _, _ = tiny_run
+    copy = str(tmp_path / "run")
+    steps = _copy_with_corrupt_latest(workdir, copy)
+    out = os.path.join(tmp_path, "model.qat")
+    args = [f"--workdir={copy}"] + ([f"--out={out}"] if cli == "export" else [])
+    res = subprocess.run(
+        [sys.executable, "-m", f"qat_jax.{cli}", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith(f"warning: checkpoint {steps[-1]} in "), lines[0]
+    assert "unreadable" in lines[0] and lines[0].endswith(f"; using step {steps[-2]}")
+    if cli == "export":
+        header, _ = export.read_container(out)
+        assert header["extra"]["step"] == steps[-2]
+    else:
+        assert f"step {steps[-2]})" in res.stdout

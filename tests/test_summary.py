@@ -8,6 +8,7 @@ import pytest
 from qat_jax import layers as qlayers
 from qat_jax import summary
 from qat_jax.models import MobileNetV2, ResNet18, init_variables
+from qat_jax.summary import __main__ as summary_cli
 
 # A model small enough to count by hand: stem 3x3 1->8, one t=1 block (depthwise 3x3 on 8
 # channels, project 1x1 8->8, residual), head 1x1 8->16, classifier 16->10, on 8x8x1 inputs.
@@ -115,7 +116,7 @@ def test_cli_on_a_config(capsys, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = os.path.join(tmp_path, "s.json")
     args = ["--config", os.path.join(root, "configs/tiny.py"), "--num_classes=10", f"--json={out}"]
-    assert summary.main(args) == 0
+    assert summary_cli.main(args) == 0
     text = capsys.readouterr().out
     assert "binary=all" in text and "head_conv" in text
     d = json.load(open(out))

@@ -1,7 +1,8 @@
 """``python -m qat_jax.export --workdir=DIR --out=model.qat``: export a finished run.
 
 Writes the bit-packed ``.qat`` file (docs/deployment.md) of the run's final checkpoint and prints
-its size next to the FP32 size of the same model.
+its size next to the FP32 size of the same model. A latest checkpoint that cannot be read falls
+back to the newest readable one, with one warning line on stderr naming the step used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from absl import app, flags, logging
 
 from qat_jax.export.model_file import export_run, load_packed, verify_packed
+from qat_jax.train import reporting
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished run.")
 _OUT = flags.DEFINE_string("out", None, "Output .qat file.")
@@ -30,6 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    reporting.warnings_to_stderr()  # e.g. the fallback from an unreadable latest checkpoint
     try:
         size = export_run(_WORKDIR.value, _OUT.value, _STEP.value)
     except (FileNotFoundError, ValueError) as e:

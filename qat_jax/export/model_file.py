@@ -1,7 +1,8 @@
 """Export a finished run to a ``.qat`` file and load one back as a packed model.
 
-* :func:`load_run_variables` restores the final (latest) checkpoint of a run's workdir and rebuilds
-  its model from the config saved in the checkpoint;
+* :func:`export_run` reads a run's final model with
+  :func:`qat_jax.train.checkpoint.load_run_variables` (the newest readable checkpoint; the model
+  is rebuilt from the config saved in it);
 * :func:`export_model` / :func:`export_run` write the ``.qat`` file (format: docs/deployment.md);
 * :func:`load_packed` reads it back as a :class:`PackedModel` whose ``__call__`` is the packed
   XNOR-popcount forward.
@@ -10,28 +11,23 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from qat_jax import data as qdata
-from qat_jax import experiment
 from qat_jax.data import registry
 from qat_jax.export import fileformat, graph
 from qat_jax.export.inference import make_packed_forward
 from qat_jax.export.packing import WORD_BITS
+from qat_jax.train.checkpoint import load_run_variables
 
 __all__ = [
     "FORMAT_NAME",
-    "RunVariables",
     "PackedModel",
-    "load_run_variables",
     "export_model",
     "export_run",
     "load_packed",
@@ -39,59 +35,6 @@ __all__ = [
 ]
 
 FORMAT_NAME = "qat_jax.packed"
-
-
-@dataclasses.dataclass
-class RunVariables:
-    """A run's final model: ``model.apply(variables, x, train=False)`` gives its eval logits.
-
-    Attributes:
-      model: the Flax module rebuilt from the saved config.
-      variables: all collections (``params``, ``batch_stats``, ``qstate``, ``binary``, ...).
-      config: the run's config (``ConfigDict``).
-      step: the checkpoint's step.
-      input_shape: ``(H, W, C)`` of the model's input.
-    """
-
-    model: Any
-    variables: dict
-    config: ml_collections.ConfigDict
-    step: int
-    input_shape: tuple[int, int, int]
-
-
-def load_run_variables(workdir: str, step: int | None = None) -> RunVariables:
-    """Restore a run's checkpoint (default: the latest, i.e. the final model of a finished run).
-
-    The model is rebuilt from the config stored in the checkpoint's metadata; the number of classes
-    and input channels are read from the classifier and stem kernels.
-
-    Raises:
-      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints``.
-    """
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = (
-        sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-        if os.path.isdir(directory)
-        else []
-    )
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {directory}: is {workdir} a run's workdir?")
-    step = steps[-1] if step is None else int(step)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)  # never touch a run
-    with ocp.CheckpointManager(directory, options=options, item_names=("state", "meta")) as manager:
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-    state, meta = out["state"], dict(out["meta"])
-    config = ml_collections.ConfigDict(meta["config"])
-    variables = jax.tree.map(np.asarray, {**state["params"], **state["state"]})
-    num_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
-    model = experiment.create_model(config, num_classes)
-    size = int(config.dataset.image_size)
-    channels = int(variables["params"]["stem"]["kernel"].shape[2])
-    return RunVariables(model, variables, config, step, (size, size, channels))
 
 
 @dataclasses.dataclass
@@ -151,7 +94,11 @@ def export_model(
 
 
 def export_run(workdir: str, out: str, step: int | None = None) -> int:
-    """Export the final model of a run (``<workdir>/checkpoints``) to ``out``; returns bytes."""
+    """Export the final model of a run (``<workdir>/checkpoints``) to ``out``; returns bytes.
+
+    ``step=None``: the newest readable checkpoint (a corrupt latest one falls back, with a
+    warning naming the step used, see :func:`~qat_jax.train.checkpoint.load_run_variables`).
+    """
     run = load_run_variables(workdir, step)
     extra: dict[str, Any] = {
         "method": run.config.method,

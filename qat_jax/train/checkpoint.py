@@ -6,7 +6,10 @@
   deleted when the next run opens the directory (``cleanup_tmp_directories``).
 * Restores use an abstract target built from a freshly initialised state, so optax states come
   back with their types and shapes are checked.
-* A latest checkpoint that cannot be read falls back to the previous complete one, with a warning.
+* A latest checkpoint that cannot be read falls back to the previous complete one, with a warning:
+  when a run resumes (:meth:`RunCheckpointer.restore_latest`) and when its final model is read
+  back (:func:`load_run_variables`, for the export and the summary), through one loop
+  (:func:`_newest_readable`).
 * A state with a NaN/Inf anywhere is never written (:class:`FloatingPointError`); a write that
   fails (e.g. a full disk) raises :class:`CheckpointWriteError` naming the last good checkpoint.
 * Saving a step that already exists (a periodic checkpoint right before a stage boundary at the
@@ -27,20 +30,29 @@ the temporary directory and before the rename that publishes it; ``QAT_JAX_FAULT
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qat_jax import experiment
+
 __all__ = [
     "RunCheckpointer",
+    "RunVariables",
     "CheckpointWriteError",
+    "CheckpointReadError",
+    "checkpoint_steps",
+    "load_run_variables",
     "save_variables",
     "load_variables",
     "fault_point",
@@ -54,6 +66,10 @@ FAULT_ENV = "QAT_JAX_FAULT"
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. no space left); the previous ones are intact."""
+
+
+class CheckpointReadError(ValueError):
+    """No checkpoint of a run could be read (each one's reason is in the message)."""
 
 
 def fault_point(where: str, step: int) -> None:
@@ -73,6 +89,28 @@ def _nonfinite_leaves(tree) -> list[str]:
         if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
             bad.append(jax.tree_util.keystr(path))
     return bad
+
+
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """First line of an exception, with its type, at most ``limit`` characters:
+    ``'JSONDecodeError: Unterminated string ...'`` (tensorstore's errors run to kilobytes)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    reason = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def _newest_readable(
+    steps: list[int], read: Callable[[int], Any], on_unreadable: Callable[[int, str], None]
+) -> tuple[int, Any] | None:
+    """``(step, read(step))`` of the newest step whose read succeeds, trying ``steps`` from the
+    last one down; ``on_unreadable(step, reason)`` for each one that fails; ``None`` when none
+    can be read (or there are none)."""
+    for step in reversed(steps):
+        try:
+            return step, read(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+            on_unreadable(step, _reason(e))
+    return None
 
 
 def _errno_of(e: BaseException) -> int | None:
@@ -169,25 +207,29 @@ class RunCheckpointer:
 
     def restore_latest(self, like_state: Any) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` of the newest readable checkpoint, or ``None`` when none exists."""
-        for step in reversed(self.steps()):
-            try:
-                out = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(_abstract(like_state)),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-                log.warning(
-                    "checkpoint %d in %s is unreadable (%s); trying the previous one",
-                    step,
-                    self.directory,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__,
-                )
-                continue
-            return step, out["state"], dict(out["meta"])
-        return None
+
+        def read(step):
+            return self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract(like_state)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+
+        def warn(step, reason):
+            log.warning(
+                "checkpoint %d in %s is unreadable (%s); trying the previous one",
+                step,
+                self.directory,
+                reason,
+            )
+
+        found = _newest_readable(self.steps(), read, warn)
+        if found is None:
+            return None
+        step, out = found
+        return step, out["state"], dict(out["meta"])
 
     def close(self) -> None:
         self.manager.close()
@@ -207,3 +249,108 @@ def load_variables(path: str, like: Any) -> Any:
         raise FileNotFoundError(f"no checkpoint at {path}")
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, _abstract(like))
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's final model, read back (export, summary, evaluation)
+
+
+@dataclasses.dataclass
+class RunVariables:
+    """A run's final model: ``model.apply(variables, x, train=False)`` gives its eval logits.
+
+    Attributes:
+      model: the Flax module rebuilt from the saved config.
+      variables: all collections (``params``, ``batch_stats``, ``qstate``, ``binary``, ...).
+      config: the run's config (``ConfigDict``).
+      step: the checkpoint's step.
+      input_shape: ``(H, W, C)`` of the model's input.
+      unreadable: ``(step, reason)`` of the newer checkpoints that could not be read, newest
+        first (the fallback that gave ``step``); empty when the latest one was read.
+    """
+
+    model: Any
+    variables: dict
+    config: ml_collections.ConfigDict
+    step: int
+    input_shape: tuple[int, int, int]
+    unreadable: tuple[tuple[int, str], ...] = ()
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+    """The complete checkpoints' steps in ``directory``, ascending (none: ``[]``).
+
+    Complete checkpoints are the ``<step>`` directories (a killed write leaves only a
+    ``<step>.orbax-checkpoint-tmp-*`` one).
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+
+
+def _read_step(directory: str, step: int) -> tuple[dict, dict]:
+    """``(state, meta)`` of checkpoint ``step``, read only (nothing in the run is touched)."""
+    step_dir = os.path.join(directory, str(step))
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(step_dir, "state"))
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(os.path.join(step_dir, "meta"))
+    return state, dict(meta)
+
+
+def load_run_variables(workdir: str, step: int | None = None) -> RunVariables:
+    """Read a run's checkpoint (default: the newest readable one, i.e. the final model of a
+    finished run) and rebuild its model (:func:`qat_jax.experiment.create_model`) from the
+    config saved in the checkpoint's record.
+
+    The number of classes and input channels are read from the classifier and stem kernels.
+    With ``step=None``, a latest checkpoint that cannot be read falls back to the previous
+    complete one, as a resuming run does, with one warning naming the step used
+    (``RunVariables.unreadable`` lists the ones skipped).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``<workdir>/checkpoints`` (or no checkpoint ``step``).
+      CheckpointReadError: no checkpoint could be read (``step``, or every one).
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}: is {workdir} a run's workdir?")
+    if step is not None:
+        if int(step) not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint {step} in {directory}: its checkpoints are steps {steps}"
+            )
+        steps = [int(step)]
+    unreadable: list[tuple[int, str]] = []
+    found = _newest_readable(
+        steps,
+        lambda s: _read_step(directory, s),
+        lambda s, reason: unreadable.append((s, reason)),
+    )
+    if found is None:
+        if step is not None:
+            raise CheckpointReadError(
+                f"checkpoint {step} in {directory} is unreadable ({unreadable[0][1]})"
+            )
+        reasons = "; ".join(f"checkpoint {s}: {reason}" for s, reason in unreadable)
+        raise CheckpointReadError(f"no readable checkpoint in {directory} ({reasons})")
+    step, (state, meta) = found
+    if unreadable:
+        newer = ", ".join(str(s) for s, _ in unreadable)
+        log.warning(
+            "%s %s in %s %s unreadable (%s); using step %d",
+            "checkpoint" if len(unreadable) == 1 else "checkpoints",
+            newer,
+            directory,
+            "is" if len(unreadable) == 1 else "are",
+            unreadable[0][1],
+            step,
+        )
+    config = ml_collections.ConfigDict(meta["config"])
+    variables = jax.tree.map(np.asarray, {**state["params"], **state["state"]})
+    num_classes = int(variables["params"]["classifier"]["kernel"].shape[-1])
+    model = experiment.create_model(config, num_classes)
+    size = int(config.dataset.image_size)
+    channels = int(variables["params"]["stem"]["kernel"].shape[2])
+    return RunVariables(model, variables, config, step, (size, size, channels), tuple(unreadable))

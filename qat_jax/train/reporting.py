@@ -7,12 +7,27 @@ pass host numbers, fetched at log intervals.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Mapping
 
-__all__ = ["Reporter", "plot_stages"]
+__all__ = ["Reporter", "plot_stages", "warnings_to_stderr"]
+
+
+def warnings_to_stderr() -> None:
+    """Print the warnings of qat_jax's own loggers as one plain line each on stderr
+    (``warning: <message>``), for the command-line tools; idempotent."""
+    logger = logging.getLogger("qat_jax")
+    if any(getattr(h, "_qat_jax_cli", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    handler._qat_jax_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.propagate = False  # not again through absl's or the root logger's handlers
 
 
 class Reporter:

@@ -2,8 +2,10 @@
 
 ``python -m qat_jax.summary --workdir=DIR`` (a run's final checkpoint) or
 ``python -m qat_jax.summary --config=configs/default.py`` (the configured model, every quantizable
-layer counted as it is deployed by the config's method). The trainer prints the same table at the
-end of a run and writes it to ``<workdir>/model_summary.txt``.
+layer counted as it is deployed by the config's method): the CLI is
+:mod:`qat_jax.summary.__main__`; this module is the library (no checkpoint, config or data code).
+The trainer prints the same table at the end of a run and writes it to
+``<workdir>/model_summary.txt``.
 
 Conventions (per example, i.e. batch 1):
 
@@ -26,7 +28,6 @@ Conventions (per example, i.e. batch 1):
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Mapping
 
 import flax
@@ -242,81 +243,3 @@ def format_summary(s: ModelSummary, title: str = "model summary") -> str:
         f"OPs = BOPs/64 + FLOPs = {t['ops']:,.0f}",
     ]
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    """``python -m qat_jax.summary --workdir=DIR | --config=FILE [--binary=...] [--json=PATH]``."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m qat_jax.summary", description=__doc__)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a run's workdir (its latest checkpoint)")
-    src.add_argument("--config", help="a configs/*.py file (a freshly initialised model)")
-    parser.add_argument(
-        "--binary",
-        choices=_BINARY_MODES,
-        default=None,
-        help="which quantizable layers count as binary (default: 'modes' for --workdir; for "
-        "--config 'all' unless config.method is 'fp')",
-    )
-    parser.add_argument(
-        "--num_classes", type=int, default=None, help="--config: classes (default: from the data)"
-    )
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
-    args = parser.parse_args(argv)
-
-    if args.workdir:
-        from qat_jax.export.model_file import load_run_variables
-
-        run = load_run_variables(args.workdir)
-        model, variables, shape = run.model, run.variables, run.input_shape
-        binary = args.binary or "modes"
-        title = f"model summary ({run.config.method}, {args.workdir}, step {run.step})"
-    else:
-        from qat_jax import data as qdata
-        from qat_jax import experiment
-        from qat_jax.train.config_files import load_config_file
-        from qat_jax.train.methods import method_settings
-
-        config = load_config_file(args.config)
-        spec_shape, classes = _dataset_shape(config, qdata, args.num_classes)
-        settings = method_settings(config.method)
-        model = experiment.create_model(config, classes)
-        shape = spec_shape
-        variables = jax.eval_shape(
-            lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False),
-            jax.random.PRNGKey(0),
-        )
-        binary = args.binary or ("all" if settings.quantize else "none")
-        title = f"model summary ({config.method}, {args.config}, binary={binary})"
-    summary = model_summary(model, variables, shape, binary)
-    print(format_summary(summary, title))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary.to_dict(), f, indent=2)
-    return 0
-
-
-def _dataset_shape(config, qdata, num_classes=None) -> tuple[tuple[int, int, int], int]:
-    """Input shape and classes of the configured dataset.
-
-    With ``num_classes`` given, no data is touched (static facts only); otherwise the dataset is
-    described as the trainer does (which may prepare it), falling back to static facts.
-    """
-    from qat_jax.data import registry
-
-    spec = registry.get_spec(config.dataset.name)
-    size = int(config.dataset.image_size)
-    static = ((size, size, len(spec.mean)), num_classes)
-    if num_classes:
-        return static
-    try:
-        info = qdata.dataset_info(config.dataset)
-        return tuple(info.image_shape), int(info.num_classes)
-    except Exception as e:  # noqa: BLE001 - data not available here
-        raise SystemExit(f"cannot describe {config.dataset.name} ({e}): pass --num_classes") from e
-
-
-if __name__ == "__main__":
-    sys.exit(main())
