@@ -2,12 +2,14 @@
 
 Every user builds from here: the trainer (:mod:`qat_jax.train.trainer`), the comparison, the
 export and the summary (a run's model rebuilt from its saved config), the benchmarks and the
-tests. Nothing here computes: a config is checked (:func:`validate_config`, every numeric key,
-before any data is read or any program compiled) and turned into static objects.
+tests. The validation computes nothing (every numeric key is checked, and the schedule on the
+model's layers from a traced init, before any data is read or any program compiled); the
+builders turn a config into static objects (and :func:`create_train_state` into host arrays).
 
 =============================  ================================================================
 :func:`validate_config`        one-line :class:`ConfigError` naming the key and the fix
 :func:`quant_config`           the layers' static :class:`~qat_jax.layers.QuantConfig`
+:func:`variables_quant_config` the forward ``QuantConfig`` of a layer's saved variables
 :func:`schedule_config`        the stage controller's :class:`~qat_jax.train.stages.ScheduleConfig`
 :func:`loss_config`            the train step's :class:`~qat_jax.train.steps.LossConfig`
 :func:`create_model`           the configured model of the zoo (method options applied)
