@@ -3,7 +3,7 @@
 One command runs two worker processes one after the other (this script with ``--_worker``), so
 that neither framework's thread pools compete with the other's:
 
-1. **JAX**: the trainer's model (``trainer.build_model``) and its pmapped train step
+1. **JAX**: the trainer's model (``experiment.create_model``) and its pmapped train step
    (``steps.make_train_step``, state donated), built and timed by ``bench_step.py``'s ``Bench`` and
    ``time_steps`` exactly as ``bench_step.py`` times them, for the modes
 
@@ -115,7 +115,7 @@ def set_thresholds(bench: bench_step.Bench, mode: str, seed: int = 0) -> None:
     ``TAU_RANGE`` split ReLU6 outputs and BN outputs alike into both signs. The step's cost does
     not depend on them.
     """
-    from qat_jax.train.state import get_path, set_path
+    from qat_jax.tree import get_path, set_path
 
     rng = np.random.default_rng(seed)
     h = bench.states[mode]
@@ -174,7 +174,7 @@ def mode_meta(setup: bench_step.Setup, mode: str, model) -> dict:
         "kd_temperature": float(cfg.loss.kd_temperature),
         "label_smoothing": float(cfg.loss.label_smoothing),
         "info_weight": float(cfg.loss.info_weight) if quantize else 0.0,
-        "learning_rate": 1e-4,  # bench_step's optax.adam(1e-4)
+        "learning_rate": 1e-4,  # bench_step's create_optimizer(optim, 1e-4): Adam (no clip set)
     }
 
 

@@ -46,10 +46,10 @@ def _shape_only_variables(bvt, setup, mode):
     import jax
     import jax.numpy as jnp
 
-    from qat_jax.train import trainer
+    from qat_jax import experiment
 
     ms = bvt.bench_step.method_setup(setup.config, mode)
-    model = trainer.build_model(ms.config, setup.num_classes, ms.quant)
+    model = experiment.create_model(ms.config, setup.num_classes, ms.quant)
     x = jnp.zeros((1, *setup.image_shape), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))
     arrays = {}
