@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from qat_jax.train.methods import METHODS
+from qat_jax.train.methods import METHODS, method_settings
 
 __all__ = [
     "run_comparison",
@@ -130,6 +130,12 @@ def run_configs(
                 if not changes_architecture(config.base, method):
                     c.init = os.path.join(fp_dir, "teacher")
                 c.schedule.total_stage_steps = budget
+                acts_first = int(c.schedule.get("acts_first_steps", 0))
+                if acts_first and method_settings(method).granularity == "two_step":
+                    # Its own first step binarizes the activations already: the base's
+                    # activations-first steps join its two stages, so the budget stays equal.
+                    c.schedule.acts_first_steps = 0
+                    c.schedule.total_stage_steps = budget + acts_first
             out.append((method, seed, os.path.join(workdir, f"seed{seed}", method), c))
     return out
 

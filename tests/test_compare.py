@@ -65,6 +65,36 @@ def test_plan_shares_one_teacher_per_seed_with_equal_budgets(tmp_path):
     assert {k for k in prog if prog[k] != bitat[k]} == {"method"}
 
 
+def test_activations_first_steps_join_reactnets_two_steps_with_an_equal_budget(tmp_path):
+    """reactnet's first step binarizes the activations already: with acts_first_steps in the
+    base, it gets those steps inside its two stages instead, and every QAT method trains for the
+    same number of steps in all; the built stage controllers say so."""
+    import jax
+
+    from qat_jax import experiment
+    from qat_jax import models as qmodels
+
+    c = _compare_config(tmp_path, ["xnor", "reactnet", "bitat"])
+    c.base.schedule.acts_first_steps = 4
+    plan = comparison.run_configs(c, str(tmp_path))
+    budget = comparison.stage_budget(c.base)
+    totals = {}
+    for method, _, _, rc in plan:
+        if method == "fp":
+            continue
+        if method == "reactnet":
+            assert rc.schedule.acts_first_steps == 0
+            assert rc.schedule.total_stage_steps == budget + 4
+        else:
+            assert rc.schedule.acts_first_steps == 4
+            assert rc.schedule.total_stage_steps == budget
+        model = experiment.create_model(rc, 10)
+        variables = qmodels.init_variables(model, jax.random.PRNGKey(0), (1, 32, 32, 1))
+        layers = experiment.binary_layers(rc, qmodels.quantizable_layers(variables))
+        totals[method] = experiment.create_controller(rc, layers).total_steps
+    assert len(set(totals.values())) == 1, totals
+
+
 @pytest.mark.parametrize(
     "field, value, match",
     [("methods", ("xnor", "bogus"), "unknown methods"), ("seeds", (1, 1), "distinct")],
