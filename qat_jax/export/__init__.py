@@ -14,13 +14,14 @@ first use.
 """
 
 from qat_jax.export.fileformat import FormatError, read_container, write_container
-from qat_jax.export.graph import ExportError, build_graph
+from qat_jax.export.graph import ExportError, GraphBuilder, build_graph
 from qat_jax.export.inference import make_packed_forward, packed_forward
 from qat_jax.export.packing import binary_conv_packed, pack_rows, unpack_rows
 
 __all__ = [
     "ExportError",
     "FormatError",
+    "GraphBuilder",
     "PackedModel",
     "RunVariables",
     "binary_conv_packed",

@@ -23,7 +23,10 @@ op's output is the logits). Ops (all NHWC, float32 activations):
 =================  ==========================================================================
 
 Emitters exist for the model zoo (:class:`~qat_jax.models.MobileNetV2`, the ResNets); they mirror
-the models' forward code, and the tests check the packed forward against ``model.apply``.
+the models' forward code, and the tests check the packed forward against ``model.apply``. A model
+of your own is exported when it has a method ``export_graph(g)`` that emits its forward through
+the :class:`GraphBuilder` ``g`` (``conv_bn``, ``act``, ``add``, ``mean``, ``dense``, ...) and
+returns the logits' name (examples/custom_model.py).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from qat_jax.models import MobileNetV2
 from qat_jax.models.resnet import ResNet
 from qat_jax.tree import get_path
 
-__all__ = ["build_graph", "BN_EPSILON", "ExportError"]
+__all__ = ["build_graph", "BN_EPSILON", "ExportError", "GraphBuilder"]
 
 #: ``qat_jax.models.common.batch_norm``'s epsilon (PyTorch's default).
 BN_EPSILON = 1e-5
@@ -243,6 +246,11 @@ class _Builder:
         return out
 
 
+#: The op-list builder a model's ``export_graph(g)`` receives: every method takes and returns the
+#: names of activations (``"x"`` is the input); layers are named by their variable paths.
+GraphBuilder = _Builder
+
+
 def _mobilenetv2(model: MobileNetV2, b: _Builder) -> str:
     def conv_bn(x, path, bn_path, stride):
         y = b.conv_bn(x, path, bn_path, stride)
@@ -304,7 +312,8 @@ def build_graph(
     whose ``B`` is materialised here with the layer's own function).
 
     Raises:
-      ExportError: an unsupported model class or layer state.
+      ExportError: an unsupported model class (neither of the zoo nor with an
+        ``export_graph(g)`` method) or layer state.
     """
     variables = flax.core.unfreeze(variables)
     b = _Builder(variables, input_channels)
@@ -312,6 +321,8 @@ def build_graph(
         _mobilenetv2(model, b)
     elif isinstance(model, ResNet):
         _resnet(model, b)
+    elif callable(getattr(model, "export_graph", None)):
+        model.export_graph(b)  # a user-defined model (examples/custom_model.py)
     else:
         raise ExportError(f"no exporter for {type(model).__name__}")
     return b.ops, b.tensors
