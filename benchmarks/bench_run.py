@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import shutil
 import sys
@@ -237,9 +236,9 @@ def main(argv=None) -> dict:
     result["compilation_cache_dir"] = cache
     print(format_table(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from bench_step import write_json  # the benchmarks' folder is on sys.path when run
+
+        write_json(args.json, result)
     return result
 
 

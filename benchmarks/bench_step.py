@@ -432,6 +432,13 @@ def load_info() -> dict:
     return {"loadavg_1m": round(la1, 2), "loadavg_5m": round(la5, 2), "cpus": os.cpu_count()}
 
 
+def write_json(path: str, result: dict) -> None:
+    """Write a benchmark's result dict to ``path`` (its folder created), as every benchmark does."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def format_table(result: dict) -> str:
     lines = []
     s = result["setup"]
@@ -604,9 +611,7 @@ def main(argv=None) -> dict:
     result["compilation_cache_dir"] = cache
     print(format_table(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 

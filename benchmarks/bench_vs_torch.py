@@ -908,9 +908,7 @@ def main(argv=None) -> dict | None:
     result = combine(jax_meta, torch_res, args)
     print(format_table(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        bench_step.write_json(args.json, result)
     return result
 
 

@@ -9,12 +9,10 @@ follows the default when it changes.
 
 import os
 
-import jax
 import numpy as np
 import pytest
 from numerics import assert_logits_match
 
-from qat_jax import data as qdata
 from qat_jax import export
 from qat_jax.models import quantizable_layers
 from qat_jax.train import train_and_evaluate
@@ -71,14 +69,6 @@ def test_default_recipe_trains_and_exports_with_fp_depthwise_and_shortcuts(
         assert kind[name] == want, (name, kind[name])
     assert sum(op["op"] == "shortcut_add" for op in ops) == len(layers)
 
-    apply = jax.jit(lambda v, z: run.model.apply(v, z, train=False))
-    want, got, labels = [], [], []
-    for batch in qdata.make_eval_batches(run.config.dataset, 100, num_local_devices=1):
-        keep = batch["mask"][0] > 0
-        x = np.asarray(batch["image"][0])[keep]
-        want.append(np.asarray(apply(run.variables, x)))
-        got.append(packed(x))
-        labels.append(np.asarray(batch["label"][0])[keep])
-    want, got, labels = map(np.concatenate, (want, got, labels))
+    got, want, labels = export.packed_and_eval_logits(run, packed, batch_size=100)
     assert_logits_match(got, want, LOGIT_RTOL)
     assert np.mean(got.argmax(-1) == labels) == pytest.approx(summary["w1a1_accuracy"], abs=1e-9)

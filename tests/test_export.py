@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 import pytest
 from numerics import assert_logits_match
 
-from qat_jax import data as qdata
 from qat_jax import experiment, export, interop, ops
 from qat_jax import layers as qlayers
 from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
@@ -333,15 +332,7 @@ def test_packed_forward_reproduces_eval_logits_on_the_test_split(tiny_run, tmp_p
 
     run = export.load_run_variables(workdir)
     packed = export.load_packed(path)
-    apply = jax.jit(lambda v, z: run.model.apply(v, z, train=False))
-    want, got, labels = [], [], []
-    for batch in qdata.make_eval_batches(run.config.dataset, 100, num_local_devices=1):
-        keep = batch["mask"][0] > 0
-        x = np.asarray(batch["image"][0])[keep]
-        want.append(np.asarray(apply(run.variables, x)))
-        got.append(packed(x))
-        labels.append(np.asarray(batch["label"][0])[keep])
-    want, got, labels = map(np.concatenate, (want, got, labels))
+    got, want, labels = export.packed_and_eval_logits(run, packed, batch_size=100)
     assert len(labels) == 200  # the whole (tiny) eval split
     assert_logits_match(got, want, LOGIT_RTOL)
     # ... and the packed model's accuracy is the run's final W1A1 test accuracy.

@@ -29,6 +29,7 @@ __all__ = [
     "export_model",
     "export_run",
     "load_packed",
+    "packed_and_eval_logits",
     "load_run_variables",
     "make_packed_forward",
     "pack_rows",
@@ -38,7 +39,14 @@ __all__ = [
     "write_container",
 ]
 
-_MODEL_FILE = ("PackedModel", "export_model", "export_run", "load_packed", "verify_packed")
+_MODEL_FILE = (
+    "PackedModel",
+    "export_model",
+    "export_run",
+    "load_packed",
+    "packed_and_eval_logits",
+    "verify_packed",
+)
 _CHECKPOINT = ("RunVariables", "load_run_variables")
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "export_model",
     "export_run",
     "load_packed",
+    "packed_and_eval_logits",
     "verify_packed",
 ]
 
@@ -127,6 +128,23 @@ def load_packed(path: str) -> PackedModel:
     return PackedModel(header, tensors)
 
 
+def packed_and_eval_logits(run, packed: PackedModel, batch_size: int = 250):
+    """The packed forward and the run's eval logits (``model.apply``) on the run's whole eval split.
+
+    ``run``: :func:`load_run_variables`'s result; ``packed``: :func:`load_packed`'s. Returns
+    ``(packed_logits, eval_logits, labels)`` over the unpadded eval examples, in order.
+    """
+    apply = jax.jit(lambda v, z: run.model.apply(v, z, train=False))
+    got, want, labels = [], [], []
+    for batch in qdata.make_eval_batches(run.config.dataset, batch_size, num_local_devices=1):
+        keep = np.asarray(batch["mask"][0]) > 0
+        x = np.asarray(batch["image"][0])[keep]
+        want.append(np.asarray(apply(run.variables, x)))
+        got.append(packed(x, batch_size=batch_size))
+        labels.append(np.asarray(batch["label"][0])[keep])
+    return tuple(np.concatenate(a) for a in (got, want, labels))
+
+
 def verify_packed(workdir: str, path: str, batch_size: int = 250) -> dict:
     """Packed forward of ``path`` vs the run's eval logits (``model.apply``) on its eval split.
 
@@ -134,23 +152,15 @@ def verify_packed(workdir: str, path: str, batch_size: int = 250) -> dict:
       ``examples``, ``max_abs_diff`` and ``max_rel_diff`` of the logits (relative to the largest
       eval logit), ``prediction_mismatches``, ``packed_accuracy`` and ``eval_accuracy``.
     """
-    run = load_run_variables(workdir)
-    packed = load_packed(path)
-    apply = jax.jit(lambda v, z: run.model.apply(v, z, train=False))
-    n = correct_packed = correct_eval = mismatches = 0
-    max_abs = max_logit = 0.0
-    for batch in qdata.make_eval_batches(run.config.dataset, batch_size, num_local_devices=1):
-        keep = np.asarray(batch["mask"][0]) > 0
-        x = np.asarray(batch["image"][0])[keep]
-        labels = np.asarray(batch["label"][0])[keep]
-        want = np.asarray(apply(run.variables, x))
-        got = packed(x, batch_size=batch_size)
-        n += len(labels)
-        max_abs = max(max_abs, float(np.abs(got - want).max()))
-        max_logit = max(max_logit, float(np.abs(want).max()))
-        mismatches += int(np.sum(got.argmax(-1) != want.argmax(-1)))
-        correct_packed += int(np.sum(got.argmax(-1) == labels))
-        correct_eval += int(np.sum(want.argmax(-1) == labels))
+    got, want, labels = packed_and_eval_logits(
+        load_run_variables(workdir), load_packed(path), batch_size
+    )
+    n = len(labels)
+    max_abs = float(np.abs(got - want).max()) if n else 0.0
+    max_logit = float(np.abs(want).max()) if n else 0.0
+    mismatches = int(np.sum(got.argmax(-1) != want.argmax(-1)))
+    correct_packed = int(np.sum(got.argmax(-1) == labels))
+    correct_eval = int(np.sum(want.argmax(-1) == labels))
     return {
         "examples": n,
         "max_abs_diff": max_abs,
