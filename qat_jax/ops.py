@@ -17,6 +17,7 @@ implementations compute the same function (tested in ``tests/test_ops.py``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -115,8 +116,37 @@ def _conv_cpu(x, kernel, strides, padding, groups, precision):
         return out
     if groups == 1 and kh == 1 and kw == 1 and all(p == (0, 0) for p in padding):
         xs = x[:, :: strides[0], :: strides[1], :]
-        return jnp.einsum("nhwc,co->nhwo", xs, kernel[0, 0], precision=precision)
+        return _pointwise(xs, kernel[0, 0], precision)
     return _conv_xla(x, kernel, strides, padding, groups, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise(x, w, precision):
+    """1x1 conv ``[N, H, W, C] x [C, O] -> [N, H, W, O]`` as one matmul.
+
+    Its own VJP only orders the weight gradient's matmul: autodiff of the einsum computes
+    ``dW = X^T G`` and XLA:CPU then transposes ``G`` (``[M, O]``, the wider operand of an expand
+    conv, BN backward fused in) into ``[O, M]`` before the matmul; ``(G^T X)^T`` transposes the
+    other operand and only the small ``[O, C]`` result. Same values to float rounding
+    (``tests/test_ops.py``); about a third off the FP step of the default model on XLA:CPU
+    (docs/performance.md).
+    """
+    return jnp.einsum("nhwc,co->nhwo", x, w, precision=precision)
+
+
+def _pointwise_fwd(x, w, precision):
+    return _pointwise(x, w, precision), (x, w)
+
+
+def _pointwise_bwd(precision, res, g):
+    x, w = res
+    dx = jnp.einsum("nhwo,co->nhwc", g, w, precision=precision)
+    m = x.shape[0] * x.shape[1] * x.shape[2]
+    dw_t = jnp.einsum("mo,mc->oc", g.reshape(m, -1), x.reshape(m, -1), precision=precision)
+    return dx.astype(x.dtype), dw_t.T.astype(w.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def conv2d(

@@ -80,6 +80,37 @@ def test_conv2d_impls_match_im2col_reference(rng, case, stride):
     assert_close_to_scale(outs["cpu"], outs["xla"], CONV_REL, err_msg="cpu vs xla")
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_conv2d_impls_have_the_same_gradients(rng, case, stride):
+    """The CPU path's own VJPs (1x1 convs) and autodiff of its taps equal lax.conv's gradients."""
+    _, k, cin, cout, groups, h, w = case
+    x = jnp.asarray(rng.standard_normal((2, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((*k, cin // groups, cout)), jnp.float32)
+    out_shape = jax.eval_shape(
+        lambda a, b: conv2d(a, b, (stride, stride), None, groups, "xla"), x, kernel
+    )
+    probe = jnp.asarray(rng.standard_normal(out_shape.shape), jnp.float32)
+
+    def loss(impl):
+        def f(a, b):
+            y = conv2d(
+                a,
+                b,
+                (stride, stride),
+                feature_group_count=groups,
+                impl=impl,
+                precision=jax.lax.Precision.HIGHEST,
+            )
+            return jnp.sum(y * probe)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, kernel)
+
+    for got, want, name in zip(loss("cpu"), loss("xla"), ("d input", "d kernel"), strict=True):
+        assert got.shape == want.shape
+        assert_close_to_scale(got, want, CONV_REL, err_msg=name)
+
+
 def test_conv2d_explicit_padding_and_asymmetric_strides(rng):
     x = rng.standard_normal((1, 7, 9, 3)).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)

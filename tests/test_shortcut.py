@@ -64,6 +64,9 @@ def test_non_divisible_match_is_the_adaptive_mean(x, rng, c_in, c_out):
     _close(jax.jit(shortcut.match_channels, static_argnums=1)(z, c_out), _match_by_hand(z, c_out))
     index, weight = shortcut.channel_groups(c_in, c_out)
     np.testing.assert_allclose(weight.sum(-1), 1.0, rtol=1e-6)  # every output is a mean
+    m = shortcut.group_matrix(c_in, c_out)  # the matrix match_channels multiplies by
+    np.testing.assert_allclose(m.sum(0), 1.0, rtol=1e-6)
+    assert ((m > 0).sum(0) == weight.astype(bool).sum(-1)).all()  # one entry per group member
     sizes = [len(g) for g in _groups_by_hand(c_in, c_out)]
     assert max(sizes) - min(sizes) <= 1  # near-equal groups
 
