@@ -86,3 +86,66 @@ def test_methods_are_set_up_as_the_trainer_does(bench_step, setup_name):
     assert setup.config.method == method_before  # the setup's config is not changed
     # The regression this guards: the benchmark's xnor used the config's ApproxSign gradient.
     assert bench_step.method_setup(setup.config, "xnor").quant.act_grad == "ste"
+
+
+def test_profile_step_attributes_ops_to_kinds_and_layers():
+    prof = _load("profile_step")
+    hlo = "\n".join(
+        [
+            "  %pad_slice_fusion.17 = f32[8,4]{1,0} fusion(%x), kind=kLoop, metadata={op_name="
+            '"jit(_fun)/jvp(MobileNetV2)/block2/depthwise/slice"}',
+            "  %dot.3 = f32[16,96]{1,0} dot(%a, %b), metadata={op_name="
+            '"jit(_fun)/transpose(jvp(MobileNetV2))/block2/expand/dot_general"}',
+            "  %wrapped_broadcast.5 = f32[8,4]{1,0} fusion(%c), kind=kLoop",
+        ]
+    )
+    names = prof.hlo_op_names(hlo)
+    assert names["pad_slice_fusion.17"].endswith("block2/depthwise/slice")
+    events = [
+        {"ph": "X", "name": "pad_slice_fusion.17", "dur": 4000},
+        {"ph": "X", "name": "pad_slice_fusion.17", "dur": 2000},
+        {"ph": "X", "name": "dot.3", "dur": 1000},
+        {"ph": "X", "name": "wrapped_broadcast.5", "dur": 500},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 99000},  # runtime, not an op
+        {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 99000},  # Python
+        {"ph": "i", "name": "dot.3"},  # not a complete event
+    ]
+    agg = prof.aggregate(events, names, steps=2)
+    assert agg["kinds"] == {
+        ("fwd", "pad_slice_fusion"): 3.0,
+        ("bwd", "dot"): 0.5,
+        ("fwd", "wrapped_broadcast"): 0.25,
+    }
+    assert agg["layers"] == {
+        ("fwd", "block2/depthwise"): 3.0,
+        ("bwd", "block2/expand"): 0.5,
+        ("fwd", "?"): 0.25,
+    }
+    assert agg["total_ms"] == pytest.approx(3.75)
+
+
+@pytest.mark.slow
+def test_profile_step_runs_on_the_tiny_setup(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "p.json"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "profile_step.py"),
+        "--setup=tiny",
+        "--mode=fp",
+        "--steps=1",
+        "--warmup=0",
+        "--batch_size=16",
+        f"--json={out}",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["op_ms_per_step"] > 0 and r["median_step_ms"] > 0
+    # every traced op lands in one kind row and one layer row
+    assert sum(r["kinds"].values()) == pytest.approx(r["op_ms_per_step"])
+    assert sum(r["layers"].values()) == pytest.approx(r["op_ms_per_step"])
+    # the FP step has a backward pass, and ops of the model's layers are named
+    assert any(k.startswith("bwd ") for k in r["kinds"])
+    assert any(k.split(" ", 1)[1].startswith("block") for k in r["layers"])
