@@ -129,8 +129,10 @@ def profile(args) -> dict:
     import jax
     import numpy as np
 
+    from qat_jax import hostenv
     from qat_jax.train import parallel
 
+    hostenv.tune_host()
     setup = bench_step.load_setup(args.setup, args.batch_size)
     methods = ("fp", "xnor", "bitat") if args.mode == "bitat" else ("fp", "xnor")
     bench = bench_step.Bench(setup, methods=methods)
