@@ -46,7 +46,7 @@ def test_custom_model_example_binarizes_and_exports(tmp_path):
     # Every one ends frozen binary with a binary input (a W1A1 conv).
     for path in paths:
         qs = result["qstate"][path[0]]
-        assert (qs["w_mode"], qs["a_mode"]) == (qat_jax.FROZEN, 1), (path, qs)
+        assert (qs["w_mode"], qs["a_mode"]) == (qat_jax.FROZEN, qat_jax.BINARY_INPUT), (path, qs)
     # The export: one packed binary_conv per binary layer, the stem and classifier FP.
     ops = result["ops"]
     assert [op["name"] for op in ops if op["op"] == "binary_conv"] == ["binary0", "binary1"]
