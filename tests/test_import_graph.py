@@ -37,7 +37,7 @@ ABOVE = (
     "qat_jax.config_checks",
 )
 #: Modules that import nothing of qat_jax (read on their own, importable from anywhere).
-LEAVES = ("qat_jax.tree", "qat_jax.config_checks", "qat_jax.data.sources")
+LEAVES = ("qat_jax.tree", "qat_jax.config_checks", "qat_jax.data.sources", "qat_jax.cli")
 
 
 def _modules() -> dict[str, str]:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from qat_jax import cli
 from qat_jax.data import registry
 from qat_jax.data.preparation import prepare
 from qat_jax.data.sources import DataPrepareError
 
 __all__ = ["main", "EXIT_BAD_INPUT"]
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 
 _DATASET = flags.DEFINE_enum(
     "dataset", None, sorted(registry.SPECS), "The dataset to prepare (its stock TFDS name)."
@@ -36,23 +36,14 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide the progress bar.")
 flags.mark_flags_as_required(["dataset"])
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a one-line error and exit code 2 for a bad or missing flag."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:  # a missing --dataset, an unknown name or flag, a bad bool
-        sys.exit(_error(f"{e} (python -m qat_jax.data --help lists the flags)"))
+#: absl's parsing; a missing --dataset, an unknown name or flag, a bad bool: one line, exit 2.
+parse_flags = cli.flags_parser("python -m qat_jax.data")
 
 
 def main(argv: list[str]) -> int:
     """Prepare the flagged dataset; returns the process exit code (``app.run`` exits with it)."""
     if len(argv) > 1:
-        return _error(f"unexpected arguments {argv[1:]}: every setting is a --flag")
+        return cli.error(f"unexpected arguments {argv[1:]}: every setting is a --flag")
     data_dir = registry.resolve_data_dir(_DATA_DIR.value)
     name = _DATASET.value
     existing = registry.find_builder_dir(name, data_dir)
@@ -68,7 +59,7 @@ def main(argv: list[str]) -> int:
             force=_FORCE.value,
         )
     except (FileNotFoundError, DataPrepareError) as e:
-        return _error(str(e))
+        return cli.error(str(e))
     print(f"{name} prepared at {path} ({_du(path)})")
     return 0
 

@@ -11,22 +11,21 @@ readable checkpoint / bad input (a missing, clashing or unknown flag: one ``erro
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from absl import logging as absl_logging
 
+from qat_jax import cli, experiment
 from qat_jax import data as qdata
-from qat_jax import experiment
 from qat_jax.data import registry
 from qat_jax.summary import _BINARY_MODES, format_summary, model_summary
 from qat_jax.train import checkpoint, reporting
 from qat_jax.train.config_files import load_config_file
 from qat_jax.train.methods import method_settings
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (its newest readable checkpoint).")
 _CONFIG = flags.DEFINE_string("config", None, "A configs/*.py file (a freshly initialised model).")
@@ -44,29 +43,20 @@ _JSON = flags.DEFINE_string("json", None, "Also write the table as JSON here.")
 flags.mark_flags_as_mutual_exclusive(["workdir", "config"], required=True)
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a one-line error and exit code 2 for a bad or missing flag."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:  # neither or both of --workdir/--config, an unknown flag or value
-        sys.exit(_error(f"{e} (python -m qat_jax.summary --help lists the flags)"))
+#: absl's parsing; neither or both of --workdir/--config, an unknown flag or value: one line, exit 2.
+parse_flags = cli.flags_parser("python -m qat_jax.summary")
 
 
 def main(argv: list[str]) -> int:
     """Print the summary of the flagged run or config; returns the process exit code."""
     if len(argv) > 1:
-        return _error(f"unexpected arguments {argv[1:]}: every setting is a --flag")
+        return cli.error(f"unexpected arguments {argv[1:]}: every setting is a --flag")
     absl_logging.set_verbosity(absl_logging.WARNING)
     if _WORKDIR.value:
         try:
             run = checkpoint.load_run_variables(_WORKDIR.value)
         except (FileNotFoundError, checkpoint.CheckpointReadError) as e:
-            return _error(str(e))
+            return cli.error(str(e))
         model, variables, shape = run.model, run.variables, run.input_shape
         binary = _BINARY.value or "modes"
         title = f"model summary ({run.config.method}, {_WORKDIR.value}, step {run.step})"
