@@ -227,7 +227,7 @@ class Bench:
         if "bitat" not in self.models:  # train steps only (e.g. bench_vs_torch.py: fp, xnor)
             return
         model = self.models["bitat"]
-        self.calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
+        self.stats_fn = parallel.pmap(lambda v, x: steps.input_stats_step(model, v, x))
         self.bn_fn = parallel.pmap(
             lambda v, x, base: steps.bn_step(model, v, x, base), in_axes=(0, 0, None)
         )
@@ -394,7 +394,7 @@ def time_transitions(
                 calibrate.calibrate_layers(
                     h,
                     c.stages[k].layers,
-                    bench.calib_fn,
+                    bench.stats_fn,
                     lambda: pool[:calib_batches],
                     qcfg,
                     float(cfg.quant.gamma),

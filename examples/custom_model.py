@@ -1,13 +1,17 @@
 """Bring your own model: binarize a Flax network you wrote, with BiTAT, through public names only.
 
-``python examples/custom_model.py [--fp-steps 60 --steps-per-stage 30 --final-steps 20 --seed 0]``
+``python examples/custom_model.py [--workdir runs/custom_model --fp-steps 60 --steps-per-stage 30
+--final-steps 20 --seed 0]``; rerun the same command to resume from its last checkpoint.
 
 1. Build the network from the drop-in layers :class:`qat_jax.BinaryConv` / ``BinaryDense``; give
    each a ``block_id`` (the stage controller binarizes block by block; here one layer per block).
    Everything else (stem, BN, classifier) is plain Flax and stays full precision.
-2. Train it FP, then run the progressive schedule: at every stage boundary calibrate the next
-   layer (thresholds, PCA transform), switch the modes (data in ``qstate``), re-estimate BN,
-   rebuild the freeze mask; then train. What ``qat_jax.train.trainer`` does, minus checkpoints.
+2. Validate the settings before any compute (:func:`qat_jax.experiment.validate_config`: one-line
+   errors). Train it FP, then run the progressive schedule: at every stage boundary calibrate the
+   next layer (thresholds, PCA transform), switch the modes (data in ``qstate``), re-estimate BN,
+   rebuild the freeze mask, and checkpoint (:class:`qat_jax.train.checkpoint.RunCheckpointer`;
+   the FP teacher with :func:`~qat_jax.train.checkpoint.save_variables`); then train. What
+   ``qat_jax.train.trainer`` does, in short.
 3. Export the W1A1 network bit-packed (``export_graph`` below lists its ops) and check that the
    packed XNOR-popcount forward gives the model's own eval logits.
 """
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import flax.linen as nn
@@ -27,7 +30,7 @@ import numpy as np
 import qat_jax
 from qat_jax import experiment, export
 from qat_jax.models import init_variables, quantizable_layers
-from qat_jax.train import calibrate, parallel, schedules, steps
+from qat_jax.train import calibrate, checkpoint, parallel, schedules, steps
 from qat_jax.train.config_files import load_config_file
 from qat_jax.train.stages import FP_PHASE
 
@@ -88,6 +91,7 @@ def make_config(args):
     """The CLI's default config, with a few overrides: every key keeps its meaning."""
     config = load_config_file(os.path.join(ROOT, "configs", "default.py"))
     config.method, config.seed, config.batch_size = "bitat", args.seed, args.batch_size
+    config.eval_batch_size = args.batch_size  # (the example evaluates in one jitted call)
     config.fp.steps, config.fp.warmup_steps = args.fp_steps, 5
     config.schedule.granularity = "layer"  # one stage per binary layer
     config.schedule.steps_per_stage, config.schedule.final_steps = (
@@ -106,13 +110,16 @@ def main(argv=None) -> dict:
     p.add_argument("--final-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="the .qat file (default: a temporary one)")
+    p.add_argument("--workdir", default="runs/custom_model", help="checkpoints; a rerun resumes")
+    p.add_argument("--out", default=None, help="the .qat file (default: <workdir>/model.qat)")
     args = p.parse_args(argv)
     t0 = time.time()
     config = make_config(args)
     ndev = jax.local_device_count()
-    if args.batch_size % ndev or args.fp_steps < 1:
-        p.error(f"need --fp-steps >= 1 and --batch-size a multiple of the {ndev} devices")
+    try:  # every numeric setting, the batch size against the devices; nothing is computed
+        experiment.validate_config(config, jax.device_count())
+    except experiment.ConfigError as e:
+        p.error(str(e))
 
     # The model and its quantizable layers (found from the variables: each BinaryConv's qstate).
     qcfg = experiment.quant_config(config)  # transform on: BiTAT
@@ -136,7 +143,7 @@ def main(argv=None) -> dict:
     loss_qat = experiment.loss_config(config)
     p_train_fp = parallel.pmap(steps.make_train_step(model, tx_fp, loss_fp), donate_argnums=(0,))
     p_train_qat = parallel.pmap(steps.make_train_step(model, tx_qat, loss_qat), donate_argnums=(0,))
-    calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
+    stats_fn = parallel.pmap(lambda v, x: steps.input_stats_step(model, v, x))
     bn_fn = parallel.pmap(lambda v, x, base: steps.bn_step(model, v, x, base), in_axes=(0, 0, None))
 
     # Data: batches carry a leading device axis; a fixed pool for calibration and BN statistics.
@@ -167,7 +174,7 @@ def main(argv=None) -> dict:
             hs = calibrate.calibrate_layers(
                 hs,
                 stage.layers if stage.weights else (),
-                calib_fn,
+                stats_fn,
                 lambda: pool[: config.schedule.calib_batches],
                 qcfg,
                 config.quant.gamma,
@@ -179,19 +186,32 @@ def main(argv=None) -> dict:
         print(f"entered {controller.describe(k)}: test acc {accuracy(hs):.3f}")
         return parallel.to_numpy(hs.replace(mask=controller.mask(k, hs.params)))
 
+    # Checkpoints at every stage boundary and at the end; a rerun resumes from the newest one.
+    ckpt = checkpoint.RunCheckpointer(os.path.join(args.workdir, "checkpoints"))
+    teacher_dir = os.path.join(args.workdir, "teacher")
+    teacher, start = None, 0
+    restored = ckpt.restore_latest(hstate)  # FP and QAT optimizer states share one structure
+    if restored is not None:
+        start, hstate, meta = restored
+        controller.restore(meta["controller"])
+        if controller.entered != FP_PHASE:
+            teacher = parallel.replicate(checkpoint.load_variables(teacher_dir, hstate.variables))
+        print(f"resumed from step {start} ({controller.describe(controller.entered)})")
     rstate = parallel.replicate(hstate)
     rng = parallel.replicate(jax.random.PRNGKey(args.seed + 3))  # dropout stream (none here)
-    teacher = None
-    for step in range(controller.total_steps):
+    for step in range(start, controller.total_steps):
         k = controller.stage_at(step)
         if k != FP_PHASE and controller.entered < k:  # a stage boundary (host side)
             hstate = parallel.to_host(rstate)
             if controller.entered == FP_PHASE:  # FP -> QAT: the FP model becomes the KD teacher
                 hstate = reestimate(hstate)
                 print(f"FP model: test acc {accuracy(hstate):.3f}")
+                checkpoint.save_variables(teacher_dir, hstate.variables)
                 teacher = parallel.replicate(hstate.variables)
                 hstate = hstate.replace(opt_state=tx_qat.init(hstate.params))
-            rstate = parallel.replicate(enter_stage(hstate, k))
+            hstate = enter_stage(hstate, k)
+            ckpt.save(step, hstate, {"controller": controller.record()})
+            rstate = parallel.replicate(hstate)
         i = (step * args.batch_size) % (len(images) - args.batch_size)
         batch = {"image": images[i : i + args.batch_size], "label": labels[i : i + args.batch_size]}
         batch = parallel.shard(jax.tree.map(lambda a: a.reshape(*per_dev, *a.shape[1:]), batch))
@@ -201,21 +221,23 @@ def main(argv=None) -> dict:
     if controller.entered < controller.final_index:  # zero final steps: freeze the last stage here
         hstate = enter_stage(hstate, controller.final_index)
     hstate = reestimate(hstate)
+    ckpt.save(controller.total_steps, hstate, {"controller": controller.record()})
+    ckpt.close()
 
     # Export bit-packed and run the packed XNOR-popcount forward on the test images.
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or os.path.join(tmp, "custom_model.qat")
-        nbytes = export.export_model(out, model, hstate.variables, (SIZE, SIZE, 1))
-        packed = export.load_packed(out)
+    out = args.out or os.path.join(args.workdir, "model.qat")
+    nbytes = export.export_model(out, model, hstate.variables, (SIZE, SIZE, 1))
+    packed = export.load_packed(out)
     eval_logits = np.asarray(eval_fn(hstate.variables, test_x))
     packed_logits = packed(test_x)
     err = np.max(np.abs(packed_logits - eval_logits)) / np.max(np.abs(eval_logits))
     print(
-        f"W1A1 test acc {accuracy(hstate):.3f}; {args.out or 'packed file'}: {nbytes} bytes, {packed.binary_bits()} "
+        f"W1A1 test acc {accuracy(hstate):.3f}; {out}: {nbytes} bytes, {packed.binary_bits()} "
         f"binary weights; max |packed - eval| / max|eval| = {err:.2g}; {time.time() - t0:.1f}s"
     )
     qstate = jax.tree.map(int, hstate.state["qstate"])  # every layer's w_mode, a_mode, block
     return {
+        "resumed_from": start if restored is not None else None,
         "layers": layers,
         "qstate": qstate,
         "ops": packed.header["ops"],

@@ -5,13 +5,23 @@ The public namespace is small on purpose:
 * quantizers: :func:`ste_sign`, :func:`approx_sign`, :func:`rsign`, :func:`xnor_binarize`;
 * the transform: :func:`cayley`, :func:`pca_init`, :func:`correlation`;
 * the binarizer: :func:`importance_binarize` returning ``(B, alpha)``;
-* layers: :class:`BinaryConv`, :class:`BinaryDense`, :class:`QuantConfig` and the mode constants;
+* layers: :class:`BinaryConv`, :class:`BinaryDense`, :class:`QuantConfig` and the mode constants (``w_mode``: :data:`FP`, :data:`BINARIZING`,
+  :data:`FROZEN`; ``a_mode``: :data:`FP_INPUT`, :data:`BINARY_INPUT`);
 * ``qat_jax.models``: ``MobileNetV2``, ``ResNet20``, ``ResNet18``.
 """
 
 from qat_jax import models
 from qat_jax.binarize import importance_binarize
-from qat_jax.layers import BINARIZING, FP, FROZEN, BinaryConv, BinaryDense, QuantConfig
+from qat_jax.layers import (
+    BINARIZING,
+    BINARY_INPUT,
+    FP,
+    FP_INPUT,
+    FROZEN,
+    BinaryConv,
+    BinaryDense,
+    QuantConfig,
+)
 from qat_jax.quantizers import approx_sign, rsign, ste_sign, xnor_binarize
 from qat_jax.transform import cayley, correlation, pca_init
 
@@ -19,7 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BINARIZING",
+    "BINARY_INPUT",
     "FP",
+    "FP_INPUT",
     "FROZEN",
     "BinaryConv",
     "BinaryDense",

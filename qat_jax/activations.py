@@ -9,8 +9,8 @@ learnable per-channel shifts before and after it::
 
 :class:`ConvActivation` is what the models put after a binarizable conv's BatchNorm. Without
 ``rprelu`` it is just the model's FP activation (ReLU6/ReLU) and has no variables. With ``rprelu``
-it computes the FP activation while the conv's ``a_mode`` is 0 (FP input) and RPReLU once the conv
-binarizes its input (``a_mode == 1``). The switch is data, like every mode in qat_jax, so the FP
+it computes the FP activation while the conv's ``a_mode`` is ``FP_INPUT`` and RPReLU once the conv
+binarizes its input (``a_mode == BINARY_INPUT``, constants of :mod:`qat_jax.layers`). The switch is data, like every mode in qat_jax, so the FP
 teacher (all modes 0) and the binary student share one module and one compiled step, and a model
 built with ``rprelu`` is exactly the FP model until its first binary stage.
 """
@@ -22,6 +22,8 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from qat_jax.layers import BINARY_INPUT, FP_INPUT
 
 __all__ = ["RPReLU", "ConvActivation", "conv_a_mode", "rprelu"]
 
@@ -51,7 +53,7 @@ class RPReLU(nn.Module):
 
 
 class ConvActivation(nn.Module):
-    """``fp_act(x)``, or (``rprelu=True``) RPReLU where the producing conv's ``a_mode == 1``.
+    """``fp_act(x)``, or (``rprelu=True``) RPReLU where the producing conv binarizes its input.
 
     Attributes:
       fp_act: the model's FP activation (e.g. ``nn.relu6``).
@@ -65,10 +67,13 @@ class ConvActivation(nn.Module):
     def __call__(self, x: jax.Array, a_mode: jax.Array) -> jax.Array:
         if not self.rprelu:
             return self.fp_act(x)
-        return jnp.where(jnp.asarray(a_mode) == 1, RPReLU(name="rprelu")(x), self.fp_act(x))
+        return jnp.where(
+            jnp.asarray(a_mode) == BINARY_INPUT, RPReLU(name="rprelu")(x), self.fp_act(x)
+        )
 
 
 def conv_a_mode(conv: nn.Module) -> jax.Array:
-    """The ``a_mode`` of a bound binary conv that has been called (0 before its variables exist)."""
+    """The ``a_mode`` of a bound binary conv that has been called (``FP_INPUT`` before its
+    variables exist)."""
     qstate = conv.variables.get("qstate", {})
-    return qstate.get("a_mode", jnp.zeros((), jnp.int32))
+    return qstate.get("a_mode", jnp.asarray(FP_INPUT, jnp.int32))

@@ -7,7 +7,8 @@ model's layers from a traced init, before any data is read or any program compil
 builders turn a config into static objects (and :func:`create_train_state` into host arrays).
 
 =============================  ================================================================
-:func:`validate_config`        one-line :class:`ConfigError` naming the key and the fix
+:func:`validate_config`        one-line :class:`ConfigError` naming the key and the fix (the
+                               numeric keys' table: :mod:`qat_jax.config_checks`)
 :func:`quant_config`           the layers' static :class:`~qat_jax.layers.QuantConfig`
 :func:`variables_quant_config` the forward ``QuantConfig`` of a layer's saved variables
 :func:`schedule_config`        the stage controller's :class:`~qat_jax.train.stages.ScheduleConfig`
@@ -26,11 +27,8 @@ granularity, activation gradient and transform, and it can switch model options 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 import ml_collections
@@ -40,6 +38,7 @@ import optax
 from qat_jax import interop
 from qat_jax import layers as qlayers
 from qat_jax import models as qmodels
+from qat_jax.config_checks import ConfigError, check_numbers, is_int
 from qat_jax.models.common import LAYER_KINDS
 from qat_jax.train import parallel, schedules
 from qat_jax.train.methods import method_settings
@@ -63,10 +62,6 @@ __all__ = [
     "create_optimizer",
     "create_train_state",
 ]
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; raised before any compute starts."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,118 +213,7 @@ def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: every numeric key, before any compute
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_at_least(lo: int) -> Callable[[Any], bool]:
-    return lambda v: _is_int(v) and v >= lo
-
-
-_FINITE = "must be a finite number"
-_POSITIVE = "must be a finite number > 0"
-_NONNEG = "must be a finite number >= 0"
-_FRACTION = "must be a finite number in [0, 1]"
-
-#: ``(key, check, requirement)`` of every numeric key; a key a config lacks is skipped.
-_NUMERIC: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("seed", _is_int, "must be an integer"),
-    ("stage_eval_examples", _int_at_least(-1), "must be an integer >= -1 (-1: all, 0: none)"),
-    ("log_every", _int_at_least(1), "must be an integer >= 1"),
-    ("checkpoint_every", _int_at_least(1), "must be an integer >= 1"),
-    ("keep_checkpoints", _int_at_least(1), "must be an integer >= 1"),
-    ("halt_after_step", _is_int, "must be an integer (<= 0: run to the end)"),
-    ("model.width_mult", lambda v: _is_real(v) and v > 0, _POSITIVE),
-    (
-        "model.last_channel",
-        lambda v: v is None or (_is_int(v) and v >= 1),
-        "must be an integer >= 1 (or None: the model's default)",
-    ),
-    ("model.dropout_rate", lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
-    (
-        "dataset.image_size",
-        lambda v: v is None or (_is_int(v) and v >= 1),
-        "must be an integer >= 1 (or None: the native size)",
-    ),
-    (
-        "dataset.num_train_examples",
-        lambda v: _is_int(v) and v != 0,
-        "must be -1 (all) or a positive integer",
-    ),
-    (
-        "dataset.num_eval_examples",
-        lambda v: _is_int(v) and v != 0,
-        "must be -1 (all) or a positive integer",
-    ),
-    ("dataset.worker_count", _int_at_least(0), "must be an integer >= 0 (0: in-process)"),
-    ("dataset.read_threads", _int_at_least(0), "must be an integer >= 0 (0: synchronous)"),
-    ("dataset.prefetch_batches", _int_at_least(0), "must be an integer >= 0"),
-    ("fp.steps", _int_at_least(0), "must be an integer >= 0"),
-    ("fp.learning_rate", lambda v: _is_real(v) and v > 0, _POSITIVE),
-    ("fp.warmup_steps", _int_at_least(0), "must be an integer >= 0"),
-    ("fp.final_lr_fraction", lambda v: _is_real(v) and 0 <= v <= 1, _FRACTION),
-    ("fp.grad_clip", lambda v: _is_real(v) and v >= 0, f"{_NONNEG} (0: no clip)"),
-    ("optim.learning_rate", lambda v: _is_real(v) and v > 0, _POSITIVE),
-    ("optim.warmup_steps", _int_at_least(0), "must be an integer >= 0"),
-    ("optim.final_lr_fraction", lambda v: _is_real(v) and 0 <= v <= 1, _FRACTION),
-    ("optim.grad_clip", lambda v: _is_real(v) and v >= 0, f"{_NONNEG} (0: no clip)"),
-    ("loss.label_smoothing", lambda v: _is_real(v) and 0 <= v < 1, "must be in [0, 1)"),
-    ("loss.kd_weight", lambda v: _is_real(v) and v >= 0, _NONNEG),
-    ("loss.kd_temperature", lambda v: _is_real(v) and v > 0, _POSITIVE),
-    ("loss.info_weight", lambda v: _is_real(v) and v >= 0, _NONNEG),
-    ("quant.gamma", lambda v: _is_real(v) and v >= 0, f"{_NONNEG} (the importance exponent)"),
-    (
-        "quant.weight_clip",
-        lambda v: v is None or _is_real(v),
-        f"{_FINITE} (<= 0 or None: no clip)",
-    ),
-    ("quant.refine_sweeps", _int_at_least(0), "must be an integer >= 0"),
-    ("schedule.steps_per_stage", _int_at_least(1), "must be an integer > 0"),
-    ("schedule.final_steps", _int_at_least(0), "must be an integer >= 0"),
-    (
-        "schedule.total_stage_steps",
-        _int_at_least(0),
-        "must be an integer >= 0 (0: steps_per_stage each)",
-    ),
-    ("schedule.acts_first_steps", _int_at_least(0), "must be an integer >= 0 (0: off)"),
-    ("schedule.calib_batches", _int_at_least(1), "must be an integer >= 1"),
-    ("schedule.bn_batches", _int_at_least(1), "must be an integer >= 1"),
-)
-
-_MISSING = object()
-
-
-def _lookup(config, key: str):
-    node = config
-    for part in key.split("."):
-        if not hasattr(node, "keys") or part not in node.keys():
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _check_numbers(config) -> None:
-    for key, ok, requirement in _NUMERIC:
-        value = _lookup(config, key)
-        if value is not _MISSING and not ok(value):
-            raise ConfigError(f"--config.{key}={value!r}: {requirement}")
-    setting = _lookup(config, "model.inverted_residual_setting")
-    if setting not in (_MISSING, None):
-        rows = list(setting)
-        if not rows or not all(
-            len(row) == 4 and all(_is_int(v) and v >= 1 for v in row) for row in rows
-        ):
-            raise ConfigError(
-                f"--config.model.inverted_residual_setting={setting!r}: must be rows of 4 "
-                "integers >= 1 (expansion t, channels c, repeats n, stride s)"
-            )
+# Validation: the schedule on the model's layers and the names (the numeric keys: config_checks)
 
 
 def _check_stage_count(config) -> None:
@@ -369,10 +253,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         settings = method_settings(config.method)
     except ValueError as e:
         raise ConfigError(f"{e} (--config.method)") from None
-    _check_numbers(config)
+    check_numbers(config)
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
-        if not _is_int(value) or value <= 0 or value % num_devices:
+        if not is_int(value) or value <= 0 or value % num_devices:
             raise ConfigError(
                 f"{key}={value} must be a positive multiple of the "
                 f"{num_devices} devices: set --config.{key}"

@@ -7,8 +7,10 @@ progressive schedule (the stage controller edits them between steps):
 ``w_mode``     weight path, ``lax.switch`` between:
                ``0`` FP (latent kernel as is), ``1`` binarizing (``alpha * sign(W C)`` computed
                on the fly from the latent ``W`` and the transform), ``2`` frozen binary
-               (materialised ``B`` and ``alpha``; no transform work).
+               (materialised ``B`` and ``alpha``; no transform work). Constants :data:`FP`,
+               :data:`BINARIZING`, :data:`FROZEN`.
 ``a_mode``     input path: ``0`` FP input, ``1`` binary input ``sign(x - tau)`` (ApproxSign).
+               Constants :data:`FP_INPUT`, :data:`BINARY_INPUT`.
 =============  ===============================================================================
 
 Variable collections of one layer (``G`` = groups, ``d`` = patch size ``kh*kw*C_in/G``,
@@ -21,18 +23,28 @@ collection         variables                                  role
                    ``bias`` (optional)
 ``quant``          ``tau`` ``[C_in]``; with the transform:    trained quantizer params
                    ``P`` ``[G, d, d]``, ``rho`` ``[G, d]``
-``calib``          ``V0`` ``[G, d, d]``, ``lam`` ``[G, d]``   calibration data (never trained)
+``calib``          ``V0`` ``[G, d, d]``, ``lam`` ``[G, d]``   the calibration result
+                                                              (never trained)
 ``binary``         ``B`` int8 ``[G, dg, d]``, ``alpha``       materialised binary weights
                    ``[G, dg]``
-``qstate``         ``w_mode``, ``a_mode``, ``calib`` (int32   per-layer switches, set by the
-                   scalars), ``block`` (block id)             stage controller
-``calib_stats``    only when the caller makes it mutable:     one batch's statistics for
-                   ``x_sum`` ``[C_in]``, ``count``,           calibration (``xxT`` only
-                   ``pos_sum`` ``[C_in]`` (inputs with        where ``qstate/calib == 1``)
-                   ``x >= tau``), ``xxT`` ``[G, d, d]``,      and diagnostics
-                   ``n_patches``
+``qstate``         ``w_mode``, ``a_mode``, ``calib`` (the     per-layer switches, set by the
+                   record-``xxT`` switch; int32 scalars),     stage controller and by
+                   ``block`` (block id)                       calibration
+``input_stats``    only when the caller makes it mutable:     one forward's statistics of
+                   ``x_sum`` ``[C_in]``, ``count``,           the layer's input, for
+                   ``pos_sum`` ``[C_in]`` (inputs with        calibration and diagnostics
+                   ``x >= tau``), ``xxT`` ``[G, d, d]``,      (``xxT`` only where the
+                   ``n_patches``                              switch is 1)
 ``losses``         sown ``info`` (relative output error)      only when mutable
 =================  =========================================  ===========================
+
+Names. ``calib`` names one thing in the code: the *collection* of calibration results (``V0``,
+``lam``; :data:`CALIB`). The per-layer switch that makes a forward also record the second moment
+``xxT`` is :data:`RECORD_XXT`, and the output-only collection a statistics forward fills is
+:data:`INPUT_STATS` (``input_stats``; it was ``calib_stats`` before and is never stored). The
+switch is still *stored* as ``qstate/<layer>/calib``: ``qstate`` is in every checkpoint and the
+restore checks the tree against a fresh model, so renaming the stored key would make existing
+checkpoints unreadable. Only the Python name changed; the checkpoint layout did not.
 
 The weight matrix of group ``g`` is ``W[g] = kernel[..., g*dg:(g+1)*dg].reshape(d, dg).T`` whose
 column order is the im2col order ``(kh, kw, c)`` of :func:`qat_jax.ops.extract_patches`; see
@@ -57,6 +69,11 @@ __all__ = [
     "FP",
     "BINARIZING",
     "FROZEN",
+    "FP_INPUT",
+    "BINARY_INPUT",
+    "CALIB",
+    "INPUT_STATS",
+    "RECORD_XXT",
     "QuantConfig",
     "BinaryConv",
     "BinaryDense",
@@ -66,7 +83,19 @@ __all__ = [
     "layer_binary_weights",
 ]
 
+# ``w_mode``: latent FP kernel | binarized on the fly from the latent kernel | materialised B, alpha.
 FP, BINARIZING, FROZEN = 0, 1, 2
+# ``a_mode``: the layer's input as is | binarized, ``sign(x - tau)``.
+FP_INPUT, BINARY_INPUT = 0, 1
+
+# Collection of each layer's calibration result (``V0``, ``lam``): stored in checkpoints.
+CALIB = "calib"
+# Output-only collection one statistics forward fills (``x_sum``, ``count``, ``pos_sum``, ``xxT``,
+# ``n_patches``); never stored.
+INPUT_STATS = "input_stats"
+# ``qstate`` switch: 1 = this forward also records ``xxT`` into :data:`INPUT_STATS`. Its stored
+# key keeps the historical name ``calib`` so that existing checkpoints stay readable.
+RECORD_XXT = "calib"
 
 Dtype = Any
 
@@ -82,7 +111,7 @@ class QuantConfig:
       weight_clip: STE clip of the weight sign relative to each row's rms of ``U = W C``
         (``None``: unclipped identity STE).
       act_grad: backward of the activation sign, ``'approx'`` (ApproxSign) or ``'ste'``.
-      binarize_input: whether the layer binarizes its input when ``a_mode == 1``.
+      binarize_input: whether the layer binarizes its input when ``a_mode == BINARY_INPUT``.
       normalize_c: normalise ``C`` to mean eigenvalue 1.
     """
 
@@ -139,7 +168,12 @@ class _BinaryBase(nn.Module):
         dg = kernel_shape[-1] // groups
         qstate = {
             name: self.variable("qstate", name, lambda v=v: jnp.asarray(v, jnp.int32))
-            for name, v in (("w_mode", FP), ("a_mode", FP), ("calib", 0), ("block", self.block_id))
+            for name, v in (
+                ("w_mode", FP),
+                ("a_mode", FP_INPUT),
+                (RECORD_XXT, 0),
+                ("block", self.block_id),
+            )
         }
         quant = {"tau": self.variable("quant", "tau", lambda: jnp.zeros((c_in,), jnp.float32))}
         calib = {}
@@ -149,11 +183,11 @@ class _BinaryBase(nn.Module):
                 "quant", "rho", lambda: jnp.zeros((groups, d), jnp.float32)
             )
             calib["V0"] = self.variable(
-                "calib",
+                CALIB,
                 "V0",
                 lambda: jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), (groups, d, d)),
             )
-            calib["lam"] = self.variable("calib", "lam", lambda: jnp.ones((groups, d), jnp.float32))
+            calib["lam"] = self.variable(CALIB, "lam", lambda: jnp.ones((groups, d), jnp.float32))
         binary = {
             "B": self.variable("binary", "B", lambda: jnp.zeros((groups, dg, d), jnp.int8)),
             "alpha": self.variable("binary", "alpha", lambda: jnp.zeros((groups, dg), jnp.float32)),
@@ -200,24 +234,24 @@ class _BinaryBase(nn.Module):
             return x
         tau = quant["tau"].value
         return lax.cond(
-            qstate["a_mode"].value == 1,
+            qstate["a_mode"].value == BINARY_INPUT,
             lambda z: rsign(z, tau, grad=cfg.act_grad),
             lambda z: z,
             x,
         )
 
-    def _calibration_stats(self, x, patches_fn, groups, d, qstate, quant):
-        """Record one batch's input statistics (only when ``calib_stats`` is mutable)."""
-        if not self.is_mutable_collection("calib_stats"):
+    def _record_input_stats(self, x, patches_fn, groups, d, qstate, quant):
+        """Record one batch's input statistics (only when :data:`INPUT_STATS` is mutable)."""
+        if not self.is_mutable_collection(INPUT_STATS):
             return
         cfg = self.quant
         xf = x.astype(jnp.float32)
-        self.put_variable("calib_stats", "x_sum", jnp.sum(xf.reshape(-1, xf.shape[-1]), axis=0))
-        self.put_variable("calib_stats", "count", jnp.asarray(xf.size // xf.shape[-1], jnp.float32))
+        self.put_variable(INPUT_STATS, "x_sum", jnp.sum(xf.reshape(-1, xf.shape[-1]), axis=0))
+        self.put_variable(INPUT_STATS, "count", jnp.asarray(xf.size // xf.shape[-1], jnp.float32))
         tau = quant["tau"].value
         # Inputs that ``sign(x - tau)`` maps to +1, per channel (diagnostics: dead/saturated).
         ones = jnp.where(xf - tau >= 0, 1.0, 0.0).astype(jnp.float32)
-        self.put_variable("calib_stats", "pos_sum", jnp.sum(ones.reshape(-1, xf.shape[-1]), axis=0))
+        self.put_variable(INPUT_STATS, "pos_sum", jnp.sum(ones.reshape(-1, xf.shape[-1]), axis=0))
 
         def second_moment(z):
             if cfg.binarize_input:
@@ -226,14 +260,14 @@ class _BinaryBase(nn.Module):
             return jnp.einsum("gmd,gme->gde", pt, pt, precision=lax.Precision.HIGHEST)
 
         xxt = lax.cond(
-            qstate["calib"].value == 1,
+            qstate[RECORD_XXT].value == 1,
             second_moment,
             lambda z: jnp.zeros((groups, d, d), jnp.float32),
             xf,
         )
-        self.put_variable("calib_stats", "xxT", xxt)
+        self.put_variable(INPUT_STATS, "xxT", xxt)
         n_patches = jax.eval_shape(patches_fn, xf).shape[1]
-        self.put_variable("calib_stats", "n_patches", jnp.asarray(n_patches, jnp.float32))
+        self.put_variable(INPUT_STATS, "n_patches", jnp.asarray(n_patches, jnp.float32))
 
 
 class BinaryConv(_BinaryBase):
@@ -286,7 +320,7 @@ class BinaryConv(_BinaryBase):
             p = p.reshape(-1, kh * kw, groups, c_in // groups)
             return p.transpose(2, 0, 1, 3).reshape(groups, -1, d)
 
-        self._calibration_stats(x, patches_fn, groups, d, qstate, quant)
+        self._record_input_stats(x, patches_fn, groups, d, qstate, quant)
         x = self._input(x, qstate, quant)
         k_eff = self._effective_kernel(kernel, groups, qstate, quant, calib, binary)
         y = ops.conv2d(
@@ -321,7 +355,7 @@ class BinaryDense(_BinaryBase):
         d = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (d, self.features), self.param_dtype)
         qstate, quant, calib, binary = self._declare((d, self.features), 1, d, d)
-        self._calibration_stats(x, lambda z: z.reshape(1, -1, d), 1, d, qstate, quant)
+        self._record_input_stats(x, lambda z: z.reshape(1, -1, d), 1, d, qstate, quant)
         x = self._input(x, qstate, quant)
         k_eff = self._effective_kernel(kernel, 1, qstate, quant, calib, binary)
         y = jnp.dot(x.astype(self.dtype), k_eff.astype(self.dtype))

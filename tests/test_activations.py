@@ -8,6 +8,7 @@ import pytest
 from numerics import assert_close_to_scale
 
 from qat_jax.activations import ConvActivation, RPReLU, rprelu
+from qat_jax.layers import BINARY_INPUT
 from qat_jax.models import MobileNetV2, ResNet20, init_variables, quantizable_layers
 
 
@@ -104,6 +105,6 @@ def test_rprelu_models_are_the_fp_model_until_inputs_are_binary():
         # The same float32 ops in the same order; bounded by the logits' scale all the same.
         assert_close_to_scale(f_rp(vr2, x), f_base(vb, x), 1e-5)
         # Binary inputs: RPReLU (negative slope 0.25) replaces ReLU, so the logits change.
-        a = f_rp(_set_a_mode(vr2, 1), x)
-        b = f_base(_set_a_mode(vb, 1), x)
+        a = f_rp(_set_a_mode(vr2, BINARY_INPUT), x)
+        b = f_base(_set_a_mode(vb, BINARY_INPUT), x)
         assert not np.allclose(a, b)

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from qat_jax import comparison
+from qat_jax import compare
 from qat_jax.train.config_files import load_config_file
 from qat_jax.train.methods import METHODS, method_settings
 
@@ -37,7 +37,7 @@ def test_progressive_and_bitat_differ_only_in_the_transform():
 
 def test_plan_shares_one_teacher_per_seed_with_equal_budgets(tmp_path):
     c = _compare_config(tmp_path, ["xnor", "reactnet", "progressive", "bitat"], seeds=(3, 4))
-    plan = comparison.run_configs(c, str(tmp_path))
+    plan = compare.run_configs(c, str(tmp_path))
     assert [(m, s) for m, s, _, _ in plan][:5] == [
         ("fp", 3),
         ("xnor", 3),
@@ -46,7 +46,7 @@ def test_plan_shares_one_teacher_per_seed_with_equal_budgets(tmp_path):
         ("bitat", 3),
     ]
     # tiny: two blocks + head_conv = 3 block stages of 3 steps.
-    budget = comparison.stage_budget(c.base)
+    budget = compare.stage_budget(c.base)
     assert budget == 3 * c.base.schedule.steps_per_stage
     for method, seed, run_dir, rc in plan:
         assert rc.seed == seed and rc.method == method
@@ -76,8 +76,8 @@ def test_activations_first_steps_join_reactnets_two_steps_with_an_equal_budget(t
 
     c = _compare_config(tmp_path, ["xnor", "reactnet", "bitat"])
     c.base.schedule.acts_first_steps = 4
-    plan = comparison.run_configs(c, str(tmp_path))
-    budget = comparison.stage_budget(c.base)
+    plan = compare.run_configs(c, str(tmp_path))
+    budget = compare.stage_budget(c.base)
     totals = {}
     for method, _, _, rc in plan:
         if method == "fp":
@@ -103,7 +103,34 @@ def test_bad_comparison_configs_are_rejected(tmp_path, field, value, match):
     c = _compare_config(tmp_path, ["xnor"])
     c[field] = value
     with pytest.raises(ValueError, match=match):
-        comparison.run_configs(c, str(tmp_path))
+        compare.run_configs(c, str(tmp_path))
+
+
+def test_cli_is_the_package_main_and_bad_config_is_one_line(tmp_path):
+    """``python -m qat_jax.compare`` is the CLI (``qat_jax/compare/__main__.py``) of the library
+    ``qat_jax.compare``; a bad setting is a one-line error, exit code 2, before any run."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "cmp"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qat_jax.compare",
+            "--config=configs/compare_default.py",
+            f"--workdir={work}",
+            "--config.methods=('xnor','bogus')",
+            "--compilation_cache_dir=none",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("error: unknown methods ['bogus']")
+    assert not (work / "seed0").exists()
+    assert callable(compare.run_comparison) and callable(compare.run_recorded)
 
 
 @pytest.mark.slow
@@ -114,7 +141,7 @@ def test_runner_writes_results_and_resumes_without_rerunning(
     data_dir = fashion_mnist_dir
     c = _compare_config(data_dir, ["xnor", "bitat"])
     work = tmp_path / "cmp"
-    rows = comparison.run_comparison(c, str(work), log=lambda *_: None)
+    rows = compare.run_comparison(c, str(work), log=lambda *_: None)
     assert [(r["method"], r["seed"]) for r in rows] == [("fp", 0), ("xnor", 0), ("bitat", 0)]
 
     with open(work / "results.csv") as f:
@@ -144,12 +171,12 @@ def test_runner_writes_results_and_resumes_without_rerunning(
     def fail(*a, **k):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(comparison, "_launch", fail)
+    monkeypatch.setattr(compare, "_launch", fail)
     before = (work / "results.csv").read_text()
-    comparison.run_comparison(c, str(work), log=lambda *_: None)
+    compare.run_comparison(c, str(work), log=lambda *_: None)
     assert (work / "results.csv").read_text() == before
 
     # A finished run with a different config is refused, not mixed into the table.
     c.base.schedule.final_steps = 5
     with pytest.raises(ValueError, match="different config"):
-        comparison.run_comparison(c, str(work), log=lambda *_: None)
+        compare.run_comparison(c, str(work), log=lambda *_: None)

@@ -11,14 +11,23 @@ import tarfile
 
 import numpy as np
 import pytest
+from absl import flags
 
 from qat_jax import data
+from qat_jax.data import __main__ as data_cli
 from qat_jax.data import preparation as prepare_lib
 from qat_jax.data import registry
-from qat_jax.data.__main__ import main as prepare_main
 from qat_jax.data.preprocess import Preprocessor, decode_image, uniforms
 
 N_TRAIN, N_TEST = 40, 13
+
+
+def prepare_main(args: list[str]) -> int:
+    """``python -m qat_jax.data ARGS`` in this process: absl's parse, then its main; the exit code
+    (a bad flag exits with :class:`SystemExit`, as ``app.run`` would)."""
+    flags.FLAGS.unparse_flags()  # no value left over from an earlier call
+    return data_cli.main(data_cli.parse_flags(["qat_jax.data", *args]))
+
 
 # --------------------------------------------------------------------------------------
 # Tiny source files
@@ -246,7 +255,7 @@ def test_truncated_and_wrong_cifar_archives(tmp_path, capsys):
         ["--dataset=cifar100", f"--manual_dir={tmp_path / 'm'}", f"--data_dir={tmp_path / 'd'}"]
     )
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and str(archive) in err and "truncated" in err and "\n" not in err
+    assert rc == 2 and str(archive) in err and "truncated" in err and "\n" not in err
     assert not data.is_prepared("cifar100", str(tmp_path / "d"))
 
     # A CIFAR-10 archive renamed as CIFAR-100 is the wrong archive.
@@ -267,6 +276,44 @@ def test_truncated_and_wrong_cifar_archives(tmp_path, capsys):
         _add(tar, "cifar-10-batches-bin/test_batch.bin", rec.tobytes())
     with pytest.raises(data.DataPrepareError, match=r"labels in \[12, 12\]"):
         data.prepare("cifar10", str(tmp_path / "mb"), str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--dataset must have a value"),
+        (["--dataset=mnist"], "--dataset=mnist: value should be one of"),
+        (["--dataset=cifar10", "--bogus=1"], "Unknown command line flag 'bogus'"),
+        (["--dataset=cifar10", "--force=maybe"], "--force=maybe"),
+    ],
+    ids=["no_dataset", "unknown_dataset", "unknown_flag", "bad_bool"],
+)
+def test_cli_bad_flags_are_one_line_errors_with_exit_code_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        prepare_main(args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err, err
+
+
+def test_cli_missing_sources_and_stray_arguments_exit_2(tmp_path, capsys):
+    rc = prepare_main(
+        ["--dataset=cifar10", f"--manual_dir={tmp_path / 'none'}", f"--data_dir={tmp_path / 'd'}"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cifar-10-python.tar.gz not found" in err and "\n" not in err
+    assert prepare_main(["--dataset=cifar10", "stray"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unexpected arguments ['stray']: every setting is a --flag"
+    )
+    assert not os.path.exists(tmp_path / "d" / "cifar10")
+    # A flag set in one call does not leak into the next (absl's flags are global).
+    where = [f"--manual_dir={tmp_path / 'none'}", f"--data_dir={tmp_path / 'd'}"]
+    assert prepare_main(["--dataset=cifar10", "--force", *where]) == 2
+    assert data_cli._FORCE.value is True
+    assert prepare_main(["--dataset=cifar10", *where]) == 2
+    assert data_cli._FORCE.value is False
+    capsys.readouterr()
 
 
 def test_missing_files(tmp_path):
@@ -553,6 +600,12 @@ def test_import_is_light_and_cli_runs_as_module(fmnist):
     )
     assert p.returncode == 0 and "already prepared" in p.stdout
     assert "Warning" not in p.stderr, p.stderr
+    # absl flags: a bad value is one line on stderr and exit code 2 through app.run too.
+    p = subprocess.run(
+        [sys.executable, "-m", "qat_jax.data", "--dataset=mnist"], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and p.stderr.startswith("error: flag --dataset=mnist"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_example_limits_and_coarse_labels(tmp_path):

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from helpers import set_keys
 
 from qat_jax import experiment
 from qat_jax import models as qmodels
@@ -23,13 +24,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 def _config(name="tiny.py", **overrides):
     c = load_config_file(os.path.join(ROOT, "configs", name))
     c.unlock()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, **overrides)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

@@ -29,7 +29,15 @@ CORE = (
     "qat_jax.tree",
 )
 #: What the core and the model zoo must never reach, directly or through another module.
-ABOVE = ("qat_jax.train", "qat_jax.export", "qat_jax.data", "qat_jax.experiment")
+ABOVE = (
+    "qat_jax.train",
+    "qat_jax.export",
+    "qat_jax.data",
+    "qat_jax.experiment",
+    "qat_jax.config_checks",
+)
+#: Modules that import nothing of qat_jax (read on their own, importable from anywhere).
+LEAVES = ("qat_jax.tree", "qat_jax.config_checks", "qat_jax.data.sources", "qat_jax.cli")
 
 
 def _modules() -> dict[str, str]:
@@ -155,6 +163,18 @@ def test_math_core_and_models_import_nothing_above_them():
             if n.startswith(tuple(f"{a}." for a in ABOVE)) or n in ABOVE:
                 bad.append(_chain(parents, n))
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_leaf_modules_import_nothing_of_the_package():
+    graph = _graph()
+    assert {m: sorted(graph[m]) for m in LEAVES} == {m: [] for m in LEAVES}
+    # The split modules are where the layering says: the CIFAR readers under the shared types,
+    # the numeric-key table under the config -> objects module (which re-exports ConfigError).
+    assert "qat_jax.data.sources" in graph["qat_jax.data.cifar_sources"]
+    assert "qat_jax.config_checks" in graph["qat_jax.experiment"]
+    from qat_jax import config_checks, experiment
+
+    assert experiment.ConfigError is config_checks.ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,13 @@ from jax import lax
 
 from qat_jax.layers import (
     BINARIZING,
+    BINARY_INPUT,
+    CALIB,
     FP,
+    FP_INPUT,
     FROZEN,
+    INPUT_STATS,
+    RECORD_XXT,
     BinaryConv,
     BinaryDense,
     QuantConfig,
@@ -90,7 +95,7 @@ def _fresh_value(path, sds, module, rng):
 
 
 def _init(module, x, seed=0):
-    """Fresh variables without the output-only collections (``losses``, ``calib_stats``).
+    """Fresh variables without the output-only collections (``losses``, ``input_stats``).
 
     Shapes come from ``jax.eval_shape(module.init)`` (no compilation: a real eager/jitted init
     costs seconds per layer on 2 CPU cores); the values are those of a fresh init, as checked
@@ -101,7 +106,7 @@ def _init(module, x, seed=0):
     return {
         coll: {name: _fresh_value((coll, name), sds, module, rng) for name, sds in c.items()}
         for coll, c in shapes.items()
-        if coll not in ("losses", "calib_stats")
+        if coll not in ("losses", INPUT_STATS)
     }
 
 
@@ -240,7 +245,7 @@ def test_fresh_init_values(rng):
     module = BinaryConv(4, (3, 3), feature_group_count=1, block_id=3)
     real = jax.jit(module.init)(jax.random.PRNGKey(0), x)
     ours = _init(module, x)
-    assert set(real) - {"losses", "calib_stats"} == set(ours)
+    assert set(real) - {"losses", INPUT_STATS} == set(ours)
     for coll, c in ours.items():
         assert set(real[coll]) == set(c), coll
         for name, value in c.items():
@@ -250,6 +255,22 @@ def test_fresh_init_values(rng):
                 np.testing.assert_array_equal(np.asarray(ref), np.asarray(value), err_msg=name)
     assert int(real["qstate"]["w_mode"]) == FP and int(real["qstate"]["a_mode"]) == FP
     assert real["binary"]["B"].shape == (1, 4, 27) and real["quant"]["P"].shape == (1, 27, 27)
+
+
+def test_stored_variable_names_are_the_checkpoint_layout():
+    """Renamed Python names, unchanged stored names: checkpoints written before still restore.
+
+    The restore checks the tree against a fresh model, so a stored key that changed would make every
+    existing checkpoint unreadable. ``input_stats`` (``calib_stats`` before) is never stored.
+    """
+    x = jnp.zeros((1, 5, 5, 3), jnp.float32)
+    module = BinaryConv(4, (3, 3), feature_group_count=1, block_id=3)
+    v = _init(module, x)
+    assert sorted(v) == ["binary", "calib", "params", "qstate", "quant"]
+    assert CALIB == "calib" and sorted(v[CALIB]) == ["V0", "lam"]
+    assert sorted(v["qstate"]) == ["a_mode", "block", "calib", "w_mode"]
+    assert RECORD_XXT == "calib" and INPUT_STATS not in v
+    assert (FP, BINARIZING, FROZEN, FP_INPUT, BINARY_INPUT) == (0, 1, 2, 0, 1)
 
 
 def _transform_case(rng, case, stride):
@@ -359,22 +380,22 @@ def test_dense_transform_pattern(rng):
 def test_conv_calibration_stats(rng, case, stride):
     module, x, v, tau = _conv_setup(rng, case, stride, hw=6)
     _, _, k, cin, groups = case
-    _, st = _apply(module, _with(v, qstate__calib=1), jnp.asarray(x), mutable=["calib_stats"])
-    st = st["calib_stats"]
+    _, st = _apply(module, _with(v, qstate__calib=1), jnp.asarray(x), mutable=[INPUT_STATS])
+    st = st[INPUT_STATS]
     pt = _group_patches(_np_sign(x - tau), k, (stride, stride), groups)
     np.testing.assert_allclose(np.asarray(st["xxT"]), np.einsum("gmd,gme->gde", pt, pt), atol=1e-4)
     np.testing.assert_allclose(np.asarray(st["x_sum"]), x.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
     assert float(st["count"]) == x.shape[0] * x.shape[1] * x.shape[2]
     assert float(st["n_patches"]) == pt.shape[1]
-    # calib == 0: statistics other than xxT only
-    _, st0 = _apply(module, v, jnp.asarray(x), mutable=["calib_stats"])
-    assert not np.any(np.asarray(st0["calib_stats"]["xxT"]))
+    # RECORD_XXT switch 0: statistics other than xxT only
+    _, st0 = _apply(module, v, jnp.asarray(x), mutable=[INPUT_STATS])
+    assert not np.any(np.asarray(st0[INPUT_STATS]["xxT"]))
     # FP inputs when the layer does not binarize its input
     module_fp = module.clone(quant=QuantConfig(binarize_input=False))
-    _, st1 = _apply(module_fp, _with(v, qstate__calib=1), jnp.asarray(x), mutable=["calib_stats"])
+    _, st1 = _apply(module_fp, _with(v, qstate__calib=1), jnp.asarray(x), mutable=[INPUT_STATS])
     pt = _group_patches(x, k, (stride, stride), groups)
     np.testing.assert_allclose(
-        np.asarray(st1["calib_stats"]["xxT"]), np.einsum("gmd,gme->gde", pt, pt), atol=1e-3
+        np.asarray(st1[INPUT_STATS]["xxT"]), np.einsum("gmd,gme->gde", pt, pt), atol=1e-3
     )
 
 
@@ -384,8 +405,8 @@ def test_dense_calibration_stats(rng):
     v = _init(module, jnp.asarray(x))
     tau = 0.2 * rng.standard_normal(7).astype(np.float32)
     v = _with(v, quant__tau=tau, qstate__calib=1)
-    _, st = _apply(module, v, jnp.asarray(x), mutable=["calib_stats"])
-    st = st["calib_stats"]
+    _, st = _apply(module, v, jnp.asarray(x), mutable=[INPUT_STATS])
+    st = st[INPUT_STATS]
     xb = _np_sign(x - tau).reshape(-1, 7)
     np.testing.assert_allclose(np.asarray(st["xxT"][0]), xb.T @ xb, atol=1e-5)
     np.testing.assert_allclose(np.asarray(st["x_sum"]), x.reshape(-1, 7).sum(0), atol=1e-5)

@@ -380,7 +380,7 @@ def test_quantizable_layers_resnet20(resnet20, x_input):
 
 def test_init_variables_collections_and_order(small_mbv2):
     _, variables = small_mbv2
-    # (transform=False: no ``calib`` collection; calib_stats/losses are dropped.)
+    # (transform=False: no ``calib`` collection; input_stats/losses are dropped.)
     assert set(variables) == {"params", "batch_stats", "qstate", "quant", "binary"}
     # Creation (forward) order is kept even though the init is jitted.
     assert list(variables["params"]) == [

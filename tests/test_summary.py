@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
 from qat_jax import layers as qlayers
 from qat_jax import summary
@@ -116,11 +117,30 @@ def test_cli_on_a_config(capsys, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = os.path.join(tmp_path, "s.json")
     args = ["--config", os.path.join(root, "configs/tiny.py"), "--num_classes=10", f"--json={out}"]
-    assert summary_cli.main(args) == 0
+    flags.FLAGS.unparse_flags()
+    assert summary_cli.main(summary_cli.parse_flags(["qat_jax.summary", *args])) == 0
     text = capsys.readouterr().out
     assert "binary=all" in text and "head_conv" in text
     d = json.load(open(out))
     assert d["totals"]["params"] == sum(r["params"] for r in d["layers"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "Exactly one of (workdir, config) must have a value"),
+        (["--workdir=a", "--config=b"], "Exactly one of (workdir, config) must have a value"),
+        (["--config=b", "--binary=some"], "--binary=some: value should be one of"),
+    ],
+    ids=["neither", "both", "bad_binary"],
+)
+def test_cli_bad_flags_are_one_line_errors_with_exit_code_2(capsys, args, message):
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as exc:
+        summary_cli.parse_flags(["qat_jax.summary", *args])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err, err
 
 
 def test_other_parametrised_modules_are_fp_rows():

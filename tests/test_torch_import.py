@@ -184,7 +184,7 @@ def fp_variables(model, input_shape):
     return {
         col: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
         for col, tree in shapes.items()
-        if col not in ("calib_stats", "losses")
+        if col not in ("input_stats", "losses")
     }
 
 

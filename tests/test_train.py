@@ -331,8 +331,8 @@ def test_activation_stats_count_ones_dead_and_saturated_channels():
     state = state.replace(params=set_path(state.params, ("quant", *path, "tau"), tau))
     n_dev = jax.local_device_count()
     images = [_batch(2 * n_dev, seed=s)["image"].reshape(n_dev, 2, 16, 16, 1) for s in (0, 1)]
-    calib_fn = parallel.pmap(lambda v, x: steps.calib_step(model, v, x))
-    out = calibrate.activation_stats(state, [path], calib_fn, images)
+    stats_fn = parallel.pmap(lambda v, x: steps.input_stats_step(model, v, x))
+    out = calibrate.activation_stats(state, [path], stats_fn, images)
 
     # The same numbers from the layer's input captured directly.
     seen = []

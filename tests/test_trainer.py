@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import subprocess_runs as R
+from helpers import set_keys
 
 from qat_jax import transform
 from qat_jax.train import ConfigError, schedules, train_and_evaluate
@@ -31,13 +32,7 @@ def tiny_config(data_dir, **overrides):
     c = module.get_config()
     c.dataset.data_dir = str(data_dir)
     c.keep_checkpoints = 100  # keep every stage-boundary checkpoint for inspection
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -2,59 +2,65 @@
 
 Converts local source files into a TFDS ArrayRecord data dir with the library
 :func:`qat_jax.data.prepare` (:mod:`qat_jax.data.preparation`; docs/data.md). Idempotent: a
-second run says the dataset is already prepared and does nothing. Exit code 1 with a one-line
-error for missing or corrupt sources.
+second run says the dataset is already prepared and does nothing. absl flags, like the other
+entry points. Exit codes: 0 done (or already prepared), 2 bad input -- a missing or unknown flag
+value, missing or corrupt source files -- with a one-line ``error: ...`` on stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
-from collections.abc import Sequence
 
+from absl import app, flags
+from absl import logging as absl_logging
+
+from qat_jax import cli
 from qat_jax.data import registry
 from qat_jax.data.preparation import prepare
 from qat_jax.data.sources import DataPrepareError
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_BAD_INPUT"]
+
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
+
+_DATASET = flags.DEFINE_enum(
+    "dataset", None, sorted(registry.SPECS), "The dataset to prepare (its stock TFDS name)."
+)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory with the source files.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, f"TFDS data dir (default ${registry.DATA_DIR_ENV} or ~/tensorflow_datasets)."
+)
+_FORCE = flags.DEFINE_bool("force", False, "Rebuild even if the dataset is prepared.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide the progress bar.")
+flags.mark_flags_as_required(["dataset"])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m qat_jax.data",
-        description="Convert local dataset files into a TFDS ArrayRecord data dir (no TF).",
-    )
-    parser.add_argument("--dataset", required=True, choices=sorted(registry.SPECS))
-    parser.add_argument("--manual_dir", default=None, help="directory with the source files")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help=f"TFDS data dir (default ${registry.DATA_DIR_ENV} or ~/tensorflow_datasets)",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if prepared")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
+#: absl's parsing; a missing --dataset, an unknown name or flag, a bad bool: one line, exit 2.
+parse_flags = cli.flags_parser("python -m qat_jax.data")
 
-    data_dir = registry.resolve_data_dir(args.data_dir)
-    existing = registry.find_builder_dir(args.dataset, data_dir)
-    if existing is not None and not args.force:
-        print(f"{args.dataset} is already prepared at {existing}; nothing to do.")
+
+def main(argv: list[str]) -> int:
+    """Prepare the flagged dataset; returns the process exit code (``app.run`` exits with it)."""
+    if len(argv) > 1:
+        return cli.error(f"unexpected arguments {argv[1:]}: every setting is a --flag")
+    data_dir = registry.resolve_data_dir(_DATA_DIR.value)
+    name = _DATASET.value
+    existing = registry.find_builder_dir(name, data_dir)
+    if existing is not None and not _FORCE.value:
+        print(f"{name} is already prepared at {existing}; nothing to do.")
         return 0
     try:
         path = prepare(
-            args.dataset,
-            args.manual_dir,
+            name,
+            _MANUAL_DIR.value,
             data_dir,
-            progress=not args.no_progress,
-            force=args.force,
+            progress=not _NO_PROGRESS.value,
+            force=_FORCE.value,
         )
     except (FileNotFoundError, DataPrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.dataset} prepared at {path} ({_du(path)})")
+        return cli.error(str(e))
+    print(f"{name} prepared at {path} ({_du(path)})")
     return 0
 
 
@@ -65,6 +71,11 @@ def _du(path: str) -> str:
     return f"{total / 2**20:.1f} MiB"
 
 
+def _run(argv: list[str]) -> int:
+    # The progress lines of the preparation, plain (``app.run`` logs at INFO through absl).
+    absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(message)s"))
+    return main(argv)
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(main())
+    app.run(_run, flags_parser=parse_flags)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from qat_jax.data import registry, sources
+from qat_jax.data import cifar_sources, registry, sources
 from qat_jax.data.preprocess import PNG_SIGNATURE
 from qat_jax.data.sources import DataPrepareError
 
@@ -90,7 +90,7 @@ def prepare(
         splits = sources.read_fashion_mnist(manual_dir)
         label_names = {"label": list(sources.FASHION_MNIST_LABEL_NAMES)}
     else:
-        splits, label_names = sources.read_cifar(name, manual_dir)
+        splits, label_names = cifar_sources.read_cifar(name, manual_dir)
     for split, arr in splits.items():
         log.info("%s/%s: %d examples, images %s", name, split, len(arr), arr.images.shape[1:])
 

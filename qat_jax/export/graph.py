@@ -98,7 +98,7 @@ class _Builder:
             add = add + mul * np.asarray(params["bias"], np.float64)
         qs = get_path(self.v.get("qstate", {}), path)
         w_mode = int(np.asarray(qs["w_mode"])) if qs is not None else qlayers.FP
-        a_mode = int(np.asarray(qs["a_mode"])) if qs is not None else 0
+        a_mode = int(np.asarray(qs["a_mode"])) if qs is not None else qlayers.FP_INPUT
         out = self._new(c_out)
         geometry = {
             "kernel_size": [kh, kw],
@@ -108,7 +108,7 @@ class _Builder:
             "c_in": c_in,
             "c_out": c_out,
         }
-        if w_mode == qlayers.FP and a_mode == 0:
+        if w_mode == qlayers.FP and a_mode == qlayers.FP_INPUT:
             self.ops.append(
                 {
                     "op": "conv",
@@ -121,7 +121,7 @@ class _Builder:
                 }
             )
             return out
-        if w_mode == qlayers.FP or a_mode == 0:
+        if w_mode == qlayers.FP or a_mode == qlayers.FP_INPUT:
             raise ExportError(
                 f"{name}: w_mode={w_mode}, a_mode={a_mode}; export supports layers whose weights "
                 "and inputs are both binary (a W1A1 conv) or both FP"
@@ -156,7 +156,8 @@ class _Builder:
         # Binarizing mode: the same function the layer's forward uses.
         quant = {k: np.asarray(v) for k, v in get_path(self.v["quant"], path).items()}
         calib = {
-            k: np.asarray(v) for k, v in (get_path(self.v.get("calib", {}), path) or {}).items()
+            k: np.asarray(v)
+            for k, v in (get_path(self.v.get(qlayers.CALIB, {}), path) or {}).items()
         }
         cfg = experiment.variables_quant_config(quant)
         b, alpha, _ = qlayers.layer_binary_weights(params["kernel"], groups, quant, calib, cfg)
@@ -168,7 +169,11 @@ class _Builder:
         out = self._new(self.channels[x])
         rp = get_path(self.v["params"], (*act_path, "rprelu")) if act_path else None
         qs = get_path(self.v.get("qstate", {}), conv_path) if conv_path else None
-        if rp is not None and qs is not None and int(np.asarray(qs["a_mode"])) == 1:
+        if (
+            rp is not None
+            and qs is not None
+            and int(np.asarray(qs["a_mode"])) == qlayers.BINARY_INPUT
+        ):
             name = "/".join(act_path)
             self.ops.append(
                 {

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qat_jax import ops
-from qat_jax.layers import BinaryConv, BinaryDense
+from qat_jax.layers import INPUT_STATS, BinaryConv, BinaryDense
 from qat_jax.tree import from_leaves_with_paths, get_path, leaves_with_paths
 
 __all__ = [
@@ -51,7 +51,7 @@ Dtype = Any
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 #: Collections that ``model.init`` creates only because everything is mutable at init.
-_INIT_ONLY_COLLECTIONS = ("calib_stats", "losses")
+_INIT_ONLY_COLLECTIONS = (INPUT_STATS, "losses")
 
 #: XLA options for the one-off init program on CPU.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -316,7 +316,7 @@ def init_variables(
     """``model.init`` on zeros of ``input_shape`` (NHWC) with ``train=False``.
 
     Drops the collections that exist only because everything is mutable at init
-    (``calib_stats``, ``losses``), so the forward pass itself is dead code and XLA removes it.
+    (``input_stats``, ``losses``), so the forward pass itself is dead code and XLA removes it.
 
     Args:
       model: a model of the zoo (any module taking ``(x, train)``).

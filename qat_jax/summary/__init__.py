@@ -125,7 +125,7 @@ def _is_binary(variables, path, binary: str) -> tuple[bool, bool]:
     if qs is None:
         return False, False
     w = int(np.asarray(qs["w_mode"])) != qlayers.FP
-    return w, w and int(np.asarray(qs["a_mode"])) == 1
+    return w, w and int(np.asarray(qs["a_mode"])) == qlayers.BINARY_INPUT
 
 
 def model_summary(

@@ -4,72 +4,77 @@ final checkpoint or of a configured model (the table: :mod:`qat_jax.summary`).
 ``--workdir`` reads the run's newest readable checkpoint (a corrupt latest one falls back to the
 previous one, with one warning line on stderr naming the step used); ``--config`` builds the
 configured model without computing anything, every quantizable layer counted as it is deployed
-by the config's method. Exit codes: 0 done, 2 no readable checkpoint / bad input.
+by the config's method. absl flags, like the other entry points. Exit codes: 0 done, 2 no
+readable checkpoint / bad input (a missing, clashing or unknown flag: one ``error:`` line).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
+from absl import logging as absl_logging
 
+from qat_jax import cli, experiment
 from qat_jax import data as qdata
-from qat_jax import experiment
 from qat_jax.data import registry
 from qat_jax.summary import _BINARY_MODES, format_summary, model_summary
 from qat_jax.train import checkpoint, reporting
 from qat_jax.train.config_files import load_config_file
 from qat_jax.train.methods import method_settings
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (its newest readable checkpoint).")
+_CONFIG = flags.DEFINE_string("config", None, "A configs/*.py file (a freshly initialised model).")
+_BINARY = flags.DEFINE_enum(
+    "binary",
+    None,
+    list(_BINARY_MODES),
+    "Which quantizable layers count as binary (default: 'modes' for --workdir; for --config "
+    "'all' unless config.method is 'fp').",
+)
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None, "--config: classes (default: from the data)."
+)
+_JSON = flags.DEFINE_string("json", None, "Also write the table as JSON here.")
+flags.mark_flags_as_mutual_exclusive(["workdir", "config"], required=True)
 
 
-def main(argv=None) -> int:
-    """``python -m qat_jax.summary --workdir=DIR | --config=FILE [--binary=...] [--json=PATH]``."""
-    parser = argparse.ArgumentParser(prog="python -m qat_jax.summary", description=__doc__)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a run's workdir (its newest readable checkpoint)")
-    src.add_argument("--config", help="a configs/*.py file (a freshly initialised model)")
-    parser.add_argument(
-        "--binary",
-        choices=_BINARY_MODES,
-        default=None,
-        help="which quantizable layers count as binary (default: 'modes' for --workdir; for "
-        "--config 'all' unless config.method is 'fp')",
-    )
-    parser.add_argument(
-        "--num_classes", type=int, default=None, help="--config: classes (default: from the data)"
-    )
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
-    args = parser.parse_args(argv)
+#: absl's parsing; neither or both of --workdir/--config, an unknown flag or value: one line, exit 2.
+parse_flags = cli.flags_parser("python -m qat_jax.summary")
 
-    if args.workdir:
+
+def main(argv: list[str]) -> int:
+    """Print the summary of the flagged run or config; returns the process exit code."""
+    if len(argv) > 1:
+        return cli.error(f"unexpected arguments {argv[1:]}: every setting is a --flag")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    if _WORKDIR.value:
         try:
-            run = checkpoint.load_run_variables(args.workdir)
+            run = checkpoint.load_run_variables(_WORKDIR.value)
         except (FileNotFoundError, checkpoint.CheckpointReadError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
+            return cli.error(str(e))
         model, variables, shape = run.model, run.variables, run.input_shape
-        binary = args.binary or "modes"
-        title = f"model summary ({run.config.method}, {args.workdir}, step {run.step})"
+        binary = _BINARY.value or "modes"
+        title = f"model summary ({run.config.method}, {_WORKDIR.value}, step {run.step})"
     else:
-        config = load_config_file(args.config)
-        shape, classes = _dataset_shape(config, args.num_classes)
+        config = load_config_file(_CONFIG.value)
+        shape, classes = _dataset_shape(config, _NUM_CLASSES.value)
         settings = method_settings(config.method)
         model = experiment.create_model(config, classes)
         variables = jax.eval_shape(
             lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False),
             jax.random.PRNGKey(0),
         )
-        binary = args.binary or ("all" if settings.quantize else "none")
-        title = f"model summary ({config.method}, {args.config}, binary={binary})"
+        binary = _BINARY.value or ("all" if settings.quantize else "none")
+        title = f"model summary ({config.method}, {_CONFIG.value}, binary={binary})"
     summary = model_summary(model, variables, shape, binary)
     print(format_summary(summary, title))
-    if args.json:
-        with open(args.json, "w") as f:
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
             json.dump(summary.to_dict(), f, indent=2)
     return 0
 
@@ -94,4 +99,4 @@ def _dataset_shape(config, num_classes=None) -> tuple[tuple[int, int, int], int]
 
 if __name__ == "__main__":
     reporting.warnings_to_stderr()
-    sys.exit(main())
+    app.run(main, flags_parser=parse_flags)

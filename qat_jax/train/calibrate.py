@@ -8,8 +8,13 @@
 * :func:`apply_modes` -- writes ``w_mode``/``a_mode`` into ``qstate``.
 * :func:`reestimate_bn` -- exact BN statistics over a few train batches with no parameter update.
 
-The forward passes run through pmapped functions (``calib_fn``/``bn_fn`` built by the trainer with
+The forward passes run through pmapped functions (``stats_fn``, the pmapped
+:func:`qat_jax.train.steps.input_stats_step`, and ``bn_fn``, built by the trainer with
 :mod:`qat_jax.train.parallel`), so statistics are global over all devices and processes.
+
+Names: ``calib`` is only the collection of calibration results (``V0``, ``lam``); the statistics
+a forward records are ``input_stats`` and the switch that adds ``xxT`` to them is
+:data:`qat_jax.layers.RECORD_XXT` (see :mod:`qat_jax.layers`).
 """
 
 from __future__ import annotations
@@ -58,9 +63,9 @@ def apply_modes(hstate: TrainState, modes: Mapping[Path, tuple[int, int]]) -> Tr
     return hstate.replace(state=st)
 
 
-def _sum_stats(calib_fn: Callable, rvars, batches) -> dict:
+def _sum_stats(stats_fn: Callable, rvars, batches) -> dict:
     # Dispatch every batch before the first fetch, so the host never waits between batches.
-    outs = [calib_fn(rvars, parallel.shard(images)) for images in batches]
+    outs = [stats_fn(rvars, parallel.shard(images)) for images in batches]
     total = None
     for out in outs:
         stats = parallel.to_host(out)
@@ -73,7 +78,7 @@ def _sum_stats(calib_fn: Callable, rvars, batches) -> dict:
 def calibrate_layers(
     hstate: TrainState,
     layers: Sequence[Path],
-    calib_fn: Callable,
+    stats_fn: Callable,
     batches: Callable[[], Iterable[np.ndarray]],
     qcfg: qlayers.QuantConfig,
     gamma: float,
@@ -85,7 +90,8 @@ def calibrate_layers(
     Args:
       hstate: host (unreplicated) train state.
       layers: the stage's layer paths.
-      calib_fn: pmapped :func:`qat_jax.train.steps.calib_step` (``(rvars, images) -> stats``).
+      stats_fn: pmapped :func:`qat_jax.train.steps.input_stats_step`
+        (``(rvars, images) -> stats``).
       batches: callable returning a fresh iterable of per-device image batches
         ``[devices, b, H, W, C]`` (the same batches for both passes).
       qcfg: the model's quant config (``transform`` decides whether pass 2 runs).
@@ -102,7 +108,7 @@ def calibrate_layers(
     if not tau_layers:
         pass
     elif tau_init == "mean":
-        stats = _sum_stats(calib_fn, parallel.replicate(hstate.variables), batches())
+        stats = _sum_stats(stats_fn, parallel.replicate(hstate.variables), batches())
         for p in tau_layers:
             s = get_path(stats, p)
             tau = s["x_sum"] / np.maximum(s["count"], 1.0)
@@ -115,15 +121,15 @@ def calibrate_layers(
     if not qcfg.transform or not layers:
         return hstate
 
-    st = _set_qstate(dict(hstate.state), layers, "calib", 1)
-    stats = _sum_stats(calib_fn, parallel.replicate({**hstate.params, **st}), batches())
-    st = _set_qstate(st, layers, "calib", 0)
+    st = _set_qstate(dict(hstate.state), layers, qlayers.RECORD_XXT, 1)
+    stats = _sum_stats(stats_fn, parallel.replicate({**hstate.params, **st}), batches())
+    st = _set_qstate(st, layers, qlayers.RECORD_XXT, 0)
     for p in layers:
         s = get_path(stats, p)
         sigma = s["xxT"] / np.maximum(s["n_patches"], 1.0)
         v0, lam, rho = _pca_and_importance(np.asarray(sigma, np.float64), gamma)
-        st = set_path(st, ("calib", *p, "V0"), np.asarray(v0, np.float32))
-        st = set_path(st, ("calib", *p, "lam"), np.asarray(lam, np.float32))
+        st = set_path(st, (qlayers.CALIB, *p, "V0"), np.asarray(v0, np.float32))
+        st = set_path(st, (qlayers.CALIB, *p, "lam"), np.asarray(lam, np.float32))
         params = set_path(params, ("quant", *p, "rho"), np.asarray(rho, np.float32))
         params = set_path(
             params, ("quant", *p, "P"), np.zeros_like(get_path(params, ("quant", *p, "P")))
@@ -191,7 +197,7 @@ def materialize_layers(
             kernel,
             groups,
             get_path(hstate.params, ("quant", *p)),
-            get_path(st, ("calib", *p), {}),
+            get_path(st, (qlayers.CALIB, *p), {}),
             qcfg,
             int(refine_sweeps),
         )
@@ -237,17 +243,17 @@ def reestimate_bn(
 
 
 def activation_stats(
-    hstate: TrainState, layers: Sequence[Path], calib_fn: Callable, batches: Iterable[np.ndarray]
+    hstate: TrainState, layers: Sequence[Path], stats_fn: Callable, batches: Iterable[np.ndarray]
 ) -> dict:
     """Per layer: how its input binarizes, ``sign(x - tau)``, on ``batches`` (diagnostics).
 
-    One pass of ``calib_fn`` (the pmapped :func:`qat_jax.train.steps.calib_step`) over the
+    One pass of ``stats_fn`` (the pmapped :func:`qat_jax.train.steps.input_stats_step`) over the
     current network. Returns ``{layer: {'ones': mean over channels of the fraction of +1,
     'dead': channels with < 1 % of +1, 'saturated': channels with > 99 % of +1}}``.
     """
     if not layers:
         return {}
-    stats = _sum_stats(calib_fn, parallel.replicate(hstate.variables), batches)
+    stats = _sum_stats(stats_fn, parallel.replicate(hstate.variables), batches)
     out = {}
     for p in layers:
         s = get_path(stats, p)

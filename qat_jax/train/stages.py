@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
-from qat_jax.layers import BINARIZING, FP, FROZEN
+from qat_jax.layers import BINARIZING, BINARY_INPUT, FP, FP_INPUT, FROZEN
 from qat_jax.tree import Path, map_with_path
 
 __all__ = ["ScheduleConfig", "Stage", "StageController", "FP_PHASE"]
@@ -259,15 +259,15 @@ class StageController:
         out = {}
         for p in self.layers:
             if k >= self.num_stages and self.cfg.final_train_latent:
-                out[p] = (BINARIZING, 1)
+                out[p] = (BINARIZING, BINARY_INPUT)
             elif p in frozen:
-                out[p] = (FROZEN, 1)
+                out[p] = (FROZEN, BINARY_INPUT)
             elif p in binary_weight:
-                out[p] = (BINARIZING, 1)
+                out[p] = (BINARIZING, BINARY_INPUT)
             elif p in binary_input:
-                out[p] = (FP, 1)
+                out[p] = (FP, BINARY_INPUT)
             else:
-                out[p] = (FP, 0)
+                out[p] = (FP, FP_INPUT)
         return out
 
     def _owner(self, path: Path) -> tuple[Path | None, str]:

@@ -15,11 +15,19 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from qat_jax import layers as qlayers
 from qat_jax.train import losses, schedules
 from qat_jax.train.parallel import AXIS
 from qat_jax.train.state import TrainState
 
-__all__ = ["LossConfig", "make_train_step", "eval_step", "calib_step", "bn_step"]
+__all__ = [
+    "LossConfig",
+    "make_train_step",
+    "eval_step",
+    "input_stats_step",
+    "calib_step",
+    "bn_step",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +159,19 @@ def eval_step(model: nn.Module, variables, batch) -> dict:
     return lax.psum(sums, AXIS)
 
 
-def calib_step(model: nn.Module, variables, images) -> dict:
-    """Calibration statistics of every binary layer, summed over the global batch.
+def input_stats_step(model: nn.Module, variables, images) -> dict:
+    """Input statistics of every binary layer (:data:`qat_jax.layers.INPUT_STATS`), summed over
+    the global batch: what calibration and the activation diagnostics read.
 
-    Layers with ``qstate/calib == 1`` also return ``xxT`` (second moment of their input patches).
+    Layers whose :data:`qat_jax.layers.RECORD_XXT` switch is 1 also return ``xxT`` (second moment
+    of their input patches).
     """
-    _, new_vars = model.apply(variables, images, train=False, mutable=["calib_stats"])
-    return lax.psum(new_vars["calib_stats"], AXIS)
+    _, new_vars = model.apply(variables, images, train=False, mutable=[qlayers.INPUT_STATS])
+    return lax.psum(new_vars[qlayers.INPUT_STATS], AXIS)
+
+
+# Former name, kept while the trainer is being rewritten on another branch.
+calib_step = input_stats_step
 
 
 def bn_step(model: nn.Module, variables, images, base: float = 0.0) -> dict:

@@ -1,8 +1,8 @@
-"""Entry point: ``python -m qat_jax.compare --config=configs/compare_default.py --workdir=DIR``.
+"""``python -m qat_jax.compare --config=configs/compare_default.py --workdir=DIR``: the comparison CLI.
 
 Runs the configured methods x seeds (one FP teacher per seed, equal QAT budgets), skipping runs
 already finished in ``DIR``, then writes ``results.csv``, ``results.md``, ``comparison.png`` and
-``stages.png``. All logic lives in :func:`qat_jax.comparison.run_comparison`.
+``stages.png``. All logic lives in the library, :func:`qat_jax.compare.run_comparison`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from qat_jax.comparison import run_comparison
+    from qat_jax.compare import run_comparison
     from qat_jax.train import ConfigError
 
     try:

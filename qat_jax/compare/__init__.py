@@ -1,6 +1,9 @@
 """Methods x seeds from one base config, sharing one FP teacher per seed: a table and plots.
 
-``run_comparison(config, workdir)`` (``python -m qat_jax.compare``) runs, for every seed:
+The library of the comparison; its command line is ``python -m qat_jax.compare``
+(:mod:`qat_jax.compare.__main__`), the same split as :mod:`qat_jax.summary`.
+
+``run_comparison(config, workdir)`` runs, for every seed:
 
 1. ``fp`` (the base config with ``method='fp'``) in ``<workdir>/seed<S>/fp``; it trains the FP
    model and saves it to ``<workdir>/seed<S>/fp/teacher``;
@@ -13,7 +16,8 @@
    number of stages x ``steps_per_stage``), then ``final_steps``. Same model, data, seed,
    optimizer, loss; only the method differs.
 
-Every run is a child process (``python -m qat_jax.comparison <run_dir>`` on the recorded config):
+Every run is a child process (``python -m qat_jax.compare.run_one <run_dir>`` on the recorded
+config, :mod:`qat_jax.compare.run_one`):
 a long comparison compiles hundreds of XLA programs, which one process would keep mapped until it
 hits the kernel's map limit (measured: an in-process comparison died with "LLVM ERROR: Unable to
 allocate section memory" in its 13th run), and a crash of one run then stops only that run.
@@ -155,7 +159,7 @@ def run_recorded(run_dir: str) -> dict:
 
 def _launch(run_dir: str) -> None:
     """Run ``run_dir``'s recorded config in a child process (same interpreter and environment)."""
-    proc = subprocess.run([sys.executable, "-m", "qat_jax.comparison", run_dir], check=False)
+    proc = subprocess.run([sys.executable, "-m", "qat_jax.compare.run_one", run_dir], check=False)
     if proc.returncode != 0:
         raise RuntimeError(
             f"the run in {run_dir} failed (exit {proc.returncode}; its output is above); rerun "
@@ -346,16 +350,3 @@ def _plot_stages(path: str, rows: Sequence[dict], methods: Sequence[str]) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-if __name__ == "__main__":  # the child process of one run: ``python -m qat_jax.comparison DIR``
-    import logging as _logging
-
-    from absl import logging as absl_logging
-
-    from qat_jax.hostenv import tune_host
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    _logging.getLogger("absl").setLevel(_logging.WARNING)
-    tune_host()
-    run_recorded(sys.argv[1])
