@@ -1,4 +1,4 @@
-"""What happens at a stage boundary, as functions of the host train state.
+"""The pieces of a stage boundary, as functions of the host train state (forward passes only).
 
 * :func:`calibrate_layers` -- input-dependent initialisation of the stage's layers (METHOD s. 3/5):
   pass 1 sets each threshold ``tau`` to the per-channel input mean; pass 2 accumulates the second
@@ -8,8 +8,10 @@
 * :func:`apply_modes` -- writes ``w_mode``/``a_mode`` into ``qstate``.
 * :func:`reestimate_bn` -- exact BN statistics over a few train batches with no parameter update.
 
-The forward passes run through pmapped functions (``calib_fn``/``bn_fn`` built by the trainer with
-:mod:`qat_jax.train.parallel`), so statistics are global over all devices and processes.
+The forward passes run through pmapped functions (``calib_fn``/``bn_fn``, built by
+:meth:`qat_jax.train.boundaries.Boundaries.create` with :mod:`qat_jax.train.parallel`), so
+statistics are global over all devices and processes. The stage boundaries that call these
+functions in order are :mod:`qat_jax.train.boundaries`.
 """
 
 from __future__ import annotations
