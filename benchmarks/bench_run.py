@@ -96,19 +96,20 @@ class Profiler:
 
 
 def targets() -> list[tuple[object, str, str]]:
-    """``(owner, attribute, part name)`` of the functions timed (the trainer calls them by name)."""
-    from qat_jax.train import calibrate, checkpoint, trainer
+    """``(owner, attribute, part name)`` of the functions timed: public functions and methods of
+    the modules the trainer calls them through (its stage boundaries, calibration, checkpoints)."""
+    from qat_jax.train import boundaries, calibrate, checkpoint
 
     return [
-        (trainer, "_start_qat", "fp_to_qat (teacher save + FP eval)"),
-        (trainer, "_enter_stage", "boundary (materialise..BN, no checkpoint)"),
+        (boundaries.Boundaries, "start_qat", "fp_to_qat (teacher save + FP eval)"),
+        (boundaries.Boundaries, "enter_stage", "boundary (materialise..BN, no checkpoint)"),
         (calibrate, "calibrate_layers", "calibrate"),
         (calibrate, "materialize_layers", "materialise"),
         (calibrate, "reestimate_bn", "bn_reestimate"),
-        (trainer._Run, "evaluate", "evaluate"),
+        (boundaries.Boundaries, "evaluate", "evaluate"),
         (checkpoint.RunCheckpointer, "save", "checkpoint_save"),
         (checkpoint, "save_variables", "teacher_save"),
-        (trainer, "_quant_layer_metrics", "per_layer_metrics (at logs)"),
+        (boundaries, "quant_layer_metrics", "per_layer_metrics (at logs)"),
     ]
 
 

@@ -15,7 +15,7 @@ builders turn a config into static objects (and :func:`create_train_state` into 
 :func:`loss_config`            the train step's :class:`~qat_jax.train.steps.LossConfig`
 :func:`create_model`           the configured model of the zoo (method options applied)
 :func:`binary_layers`          the quantizable layers the schedule binarizes (``quant.fp_kinds``)
-:func:`create_controller`      the stage controller over those layers (``None`` for ``fp``)
+:func:`create_controller`      the stage controller over those layers (no stages for ``fp``)
 :func:`create_optimizer`       Adam on a learning-rate schedule, optional gradient clip
 :func:`create_train_state`     the host train state at step 0 (FP-phase freeze mask)
 =============================  ================================================================
@@ -172,11 +172,12 @@ def binary_layers(config: ml_collections.ConfigDict, layers: Sequence) -> list:
 
 def create_controller(
     config: ml_collections.ConfigDict, layers: Sequence, qat_start: int = 0
-) -> StageController | None:
+) -> StageController:
     """The stage controller over ``layers`` (:func:`binary_layers`) whose QAT starts at step
-    ``qat_start``; ``None`` when the method does not quantize (``fp``)."""
+    ``qat_start``; for a method that does not quantize (``fp``) a schedule with no stages whose
+    FP phase (``qat_start`` steps) is the whole run (:meth:`StageController.fp_only`)."""
     if not method_settings(config.method).quantize:
-        return None
+        return StageController.fp_only(qat_start)
     return StageController(
         [(q.path, q.block_id) for q in layers], schedule_config(config), qat_start=qat_start
     )

@@ -158,7 +158,8 @@ def test_builders_follow_the_method():
     assert experiment.quant_config(c).act_grad == "ste"  # the method's, not the config's
     assert not experiment.quant_config(c).transform
     assert experiment.schedule_config(c).granularity == "all"
-    assert experiment.create_controller(_config(method="fp"), []) is None
+    fp_only = experiment.create_controller(_config(method="fp"), [], 5)
+    assert fp_only.num_stages == 0 and fp_only.total_steps == 5  # the FP phase is the whole run
     layers = qmodels.traced_quantizable_layers(experiment.create_model(c, 10), (1, 32, 32, 1))
     controller = experiment.create_controller(c, experiment.binary_layers(c, layers), 7)
     assert isinstance(controller, StageController)

@@ -177,8 +177,45 @@ def test_leaf_modules_import_nothing_of_the_package():
     assert experiment.ConfigError is config_checks.ConfigError
 
 
+#: The run's parts below the trainer (train/trainer.py composes them; none of them reaches it).
+TRAINER_PARTS = (
+    "qat_jax.train.boundaries",
+    "qat_jax.train.calibrate",
+    "qat_jax.train.checkpoint",
+    "qat_jax.train.fp_init",
+    "qat_jax.train.reporting",
+    "qat_jax.train.stages",
+    "qat_jax.train.steps",
+    "qat_jax.train.timing",
+)
+
+
+def test_the_trainer_is_the_top_of_train():
+    """Only the package's lazy ``train_and_evaluate`` imports the trainer, and no part of a run
+    (stage boundaries, FP init, timing, report, ...) reaches it or the package above it."""
+    graph = _graph()
+    assert {m for m, edges in graph.items() if "qat_jax.train.trainer" in edges} == {
+        "qat_jax.train"
+    }
+    direct = {"qat_jax.train.boundaries", "qat_jax.train.fp_init", "qat_jax.train.timing"}
+    assert direct <= graph["qat_jax.train.trainer"]
+    bad = []
+    for m in TRAINER_PARTS:
+        parents = _reachable(graph, m)
+        bad += [
+            _chain(parents, n) for n in ("qat_jax.train.trainer", "qat_jax.train") if n in parents
+        ]
+    assert not bad, "a part of the run imports upward:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize(
-    "module", ["qat_jax.train.stages", "qat_jax.train.config_files", "qat_jax.export"]
+    "module",
+    [
+        "qat_jax.train.stages",
+        "qat_jax.train.timing",
+        "qat_jax.train.config_files",
+        "qat_jax.export",
+    ],
 )
 def test_light_modules_load_neither_orbax_nor_tfds(module):
     code = (

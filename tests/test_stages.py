@@ -301,3 +301,47 @@ def test_acts_first_with_a_shared_budget():
 def test_bad_acts_first_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StageController(LAYERS, ScheduleConfig(**kwargs), 0)
+
+
+def test_fp_only_schedule_has_no_stages_and_ends_with_its_fp_phase():
+    """Method ``fp``: a schedule with zero stages, whatever the schedule config says."""
+    c = StageController.fp_only(12)
+    assert c.num_stages == 0 and not c.quantizes and c.final_index == 0
+    assert c.total_steps == 12 and c.qat_start == 12
+    assert all(c.is_fp(c.stage_at(step)) for step in range(12))
+    assert c.is_fp(c.entered) and c.describe(c.stage_at(0)) == "fp"
+    m = c.mask(c.fp_phase, _params())
+    assert _get(m, "params", "b0", "expand", "kernel") == 1.0
+    assert _get(m, "quant", "b0", "expand", "tau") == 0.0
+    # Its record round-trips; an fp checkpoint written before it had a schedule ({}) restores.
+    assert c.record() == {"entered": FP_PHASE, "num_stages": 0}
+    c.restore(c.record())
+    c.restore({})
+    with pytest.raises(ValueError, match="checkpoint has 3 stages"):
+        c.restore({"entered": 0, "num_stages": 3})
+
+
+def test_named_stage_indices():
+    c = StageController(LAYERS, ScheduleConfig("block", steps_per_stage=10, final_steps=5), 100)
+    assert c.quantizes and c.fp_phase == FP_PHASE
+    assert c.is_fp(c.stage_at(99)) and not c.is_fp(c.stage_at(100))
+    assert c.is_final(c.stage_at(130)) and not c.is_final(c.stage_at(129))
+    assert c.stage_at(130) == c.final_index == c.num_stages
+    # The layers of stage k (the final phase: the last stage's).
+    assert c.stage_layers(1) == (("b1", "expand"), ("b1", "dw"), ("b1", "project"))
+    assert c.stage_layers(c.final_index) == (("head",),)
+
+
+def test_modes_after_a_stage_freeze_the_blocks_it_completed():
+    c = StageController(LAYERS, ScheduleConfig("layer", steps_per_stage=10), 0)
+    # Stage 1 (b0/dw) completes nothing: the modes after it are its own.
+    assert c.modes_after(1) == c.modes(1)
+    # Stage 2 (b0/project) completes block 0: all of b0 frozen binary, the rest as in stage 2.
+    after = c.modes_after(2)
+    b0 = [("b0", "expand"), ("b0", "dw"), ("b0", "project")]
+    assert all(after[p] == (FROZEN, 1) for p in b0)
+    assert c.modes(2)[("b0", "project")] == (BINARIZING, 1)
+    assert {p: m for p, m in after.items() if p not in b0} == {
+        p: m for p, m in c.modes(2).items() if p not in b0
+    }
+    assert c.modes_after(2) == c.modes(3) | {("b1", "expand"): (FP, 0)}

@@ -6,9 +6,10 @@ Public API (stable; used by the trainer):
 * :func:`dataset_info` (cfg) -> :class:`DatasetInfo` (name, num_classes, image_shape,
   num_train, num_eval).
 * :func:`make_train_iterator` (cfg, global_batch_size, *, seed, num_local_devices,
-  process_index=None, process_count=None) -> :class:`TrainIterator`, an infinite iterator of
-  ``{'image': float32 [D, b, H, W, C], 'label': int32 [D, b]}`` with ``get_state()`` /
-  ``set_state()`` for exact resumption.
+  process_index=None, process_count=None, resolved=None) -> :class:`TrainIterator`, an infinite
+  iterator of ``{'image': float32 [D, b, H, W, C], 'label': int32 [D, b]}`` with
+  ``get_state()`` / ``set_state()`` for exact resumption (``resolved``: the dataset already
+  resolved by :func:`qat_jax.data.resolve.resolve`, not resolved again).
 * :func:`make_eval_batches` (cfg, global_batch_size, *, num_local_devices, process_index=None,
   process_count=None) -> :class:`EvalBatches`, re-iterable, batches with an extra float32
   ``'mask'`` [D, b] (1 = real example, 0 = padding); :class:`EvalCache` hands out the same

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from qat_jax.data.batches import ArrayRecordSource, EvalBatchFn, TrainBatchFn, make_layout
-from qat_jax.data.resolve import ReadOptions, resolve
+from qat_jax.data.resolve import ReadOptions, ResolvedDataset, resolve
 
 __all__ = [
     "EvalBatches",
@@ -136,6 +136,7 @@ def make_train_iterator(
     num_local_devices: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    resolved: ResolvedDataset | None = None,
 ) -> TrainIterator:
     """Builds the infinite train iterator for this process.
 
@@ -146,6 +147,7 @@ def make_train_iterator(
       seed: shuffling/augmentation seed (from the experiment config).
       num_local_devices: leading axis of the batches (``jax.local_device_count()`` for pmap).
       process_index, process_count: None -> ``jax.process_index()`` / ``jax.process_count()``.
+      resolved: ``resolve(cfg)`` when the caller has it already (not resolved again).
 
     Returns:
       :class:`TrainIterator` yielding ``{'image': float32 [D, b, S, S, C], 'label': int32
@@ -157,7 +159,7 @@ def make_train_iterator(
       FileNotFoundError: dataset not prepared (message names the command to run).
     """
     layout = make_layout(global_batch_size, num_local_devices, process_index, process_count)
-    r = resolve(cfg)
+    r = resolve(cfg) if resolved is None else resolved
     source = ArrayRecordSource(r.builder_dir, r.train_split, r.label_key)
     fn = TrainBatchFn(source, r.preprocessor, r.num_train, seed, layout)
     meta = {

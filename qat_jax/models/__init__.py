@@ -18,6 +18,7 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from qat_jax.models.common import (
+    BN_MOMENTUM,
     LAYER_KINDS,
     QLayer,
     init_variables,
@@ -28,6 +29,7 @@ from qat_jax.models.mobilenetv2 import MobileNetV2
 from qat_jax.models.resnet import ResNet18, ResNet20
 
 __all__ = [
+    "BN_MOMENTUM",
     "LAYER_KINDS",
     "MODELS",
     "MobileNetV2",

@@ -33,6 +33,7 @@ from qat_jax.layers import INPUT_STATS, BinaryConv, BinaryDense
 from qat_jax.tree import from_leaves_with_paths, get_path, leaves_with_paths
 
 __all__ = [
+    "BN_MOMENTUM",
     "Conv",
     "LAYER_KINDS",
     "QLayer",
@@ -155,6 +156,11 @@ class Conv(nn.Module):
         return y
 
 
+#: The BatchNorm momentum of every model of the zoo (PyTorch's 0.1): Flax updates the running
+#: statistics as ``m * old + (1 - m) * batch``. BN re-estimation divides by ``1 - m``.
+BN_MOMENTUM = 0.9
+
+
 def batch_norm(
     train: bool,
     axis_name: str | None = None,
@@ -172,7 +178,7 @@ def batch_norm(
     """
     return nn.BatchNorm(
         use_running_average=not train,
-        momentum=0.9,
+        momentum=BN_MOMENTUM,
         epsilon=1e-5,
         axis_name=axis_name,
         dtype=dtype,

@@ -1,4 +1,4 @@
-"""What happens at a stage boundary, as functions of the host train state.
+"""The pieces of a stage boundary, as functions of the host train state (forward passes only).
 
 * :func:`calibrate_layers` -- input-dependent initialisation of the stage's layers (METHOD s. 3/5):
   pass 1 sets each threshold ``tau`` to the per-channel input mean; pass 2 accumulates the second
@@ -9,8 +9,10 @@
 * :func:`reestimate_bn` -- exact BN statistics over a few train batches with no parameter update.
 
 The forward passes run through pmapped functions (``stats_fn``, the pmapped
-:func:`qat_jax.train.steps.input_stats_step`, and ``bn_fn``, built by the trainer with
-:mod:`qat_jax.train.parallel`), so statistics are global over all devices and processes.
+:func:`qat_jax.train.steps.input_stats_step`, and ``bn_fn``, built by
+:meth:`qat_jax.train.boundaries.Boundaries.create` with :mod:`qat_jax.train.parallel`), so
+statistics are global over all devices and processes. The stage boundaries that call these
+functions in order are :mod:`qat_jax.train.boundaries`.
 
 Names: ``calib`` is only the collection of calibration results (``V0``, ``lam``); the statistics
 a forward records are ``input_stats`` and the switch that adds ``xxT`` to them is

@@ -2,6 +2,11 @@
 
 Only process 0 writes (``enabled=False`` elsewhere). Nothing here touches device arrays: callers
 pass host numbers, fetched at log intervals.
+
+* :class:`Reporter` -- ``metrics.jsonl``, TensorBoard events, progress and info lines;
+* :func:`run_summary` / :func:`format_run_summary` / :func:`param_counts` -- a finished run's
+  ``summary.json`` and its printed form;
+* :func:`write_run_report` -- ``summary.json``, ``stages.png`` and ``model_summary.txt``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,21 @@ import sys
 import time
 from collections.abc import Mapping
 
-__all__ = ["Reporter", "plot_stages", "warnings_to_stderr"]
+import jax
+import numpy as np
+
+from qat_jax import summary as qsummary
+from qat_jax.tree import get_path
+
+__all__ = [
+    "Reporter",
+    "format_run_summary",
+    "param_counts",
+    "plot_stages",
+    "run_summary",
+    "warnings_to_stderr",
+    "write_run_report",
+]
 
 
 def warnings_to_stderr() -> None:
@@ -113,3 +132,79 @@ def plot_stages(path: str, stage_acc: list[dict], fp_acc: float | None, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def param_counts(variables, binary_layers) -> dict:
+    """Model parameters (the ``params`` collection) and how many of them are binary weights."""
+    total = sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+    binary = sum(
+        int(np.size(get_path(variables, ("params", *q.path, "kernel")))) for q in binary_layers
+    )
+    return {"params": total, "binary_params": binary, "binary_param_share": binary / total}
+
+
+def run_summary(
+    config,
+    *,
+    fp_accuracy: float | None,
+    final_accuracy: float,
+    stage_accuracy: list[dict],
+    num_quantizable_layers: int,
+    num_stages: int,
+    wall_seconds: float,
+    timing_seconds: Mapping[str, float],
+) -> dict:
+    """The dict written as ``summary.json`` (without :func:`param_counts`, which the trainer
+    adds); ``w1a1_accuracy`` is the final accuracy of a run with stages, ``None`` for ``fp``."""
+    return {
+        "method": config.method,
+        "model": config.model.name,
+        "dataset": config.dataset.name,
+        "fp_accuracy": fp_accuracy,
+        "w1a1_accuracy": final_accuracy if num_stages else None,
+        "final_accuracy": final_accuracy,
+        "stage_accuracy": stage_accuracy,
+        "num_quantizable_layers": num_quantizable_layers,
+        "num_stages": num_stages,
+        "wall_seconds": wall_seconds,
+        "timing_seconds": {k: round(v, 2) for k, v in timing_seconds.items()},
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+    }
+
+
+def format_run_summary(s: Mapping) -> str:
+    """The few lines a run prints at its end (``s``: :func:`run_summary`)."""
+    lines = [f"== summary ({s['method']}, {s['model']} on {s['dataset']}) =="]
+    if s["fp_accuracy"] is not None:
+        lines.append(f"FP test accuracy:   {100 * s['fp_accuracy']:.2f}%")
+    if s["w1a1_accuracy"] is not None:
+        lines.append(f"W1A1 test accuracy: {100 * s['w1a1_accuracy']:.2f}%")
+    lines.append(f"stages: {s['num_stages']}, wall time {s['wall_seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def write_run_report(
+    reporter: Reporter, summary: Mapping, model, variables, image_shape: tuple
+) -> None:
+    """Write ``summary.json``, ``stages.png`` (a run with stages) and ``model_summary.txt`` into
+    the reporter's workdir and print the summary and the model table (process 0 only)."""
+    if not reporter.enabled:
+        return
+    workdir = reporter.workdir
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if summary["stage_accuracy"]:
+        plot_stages(
+            os.path.join(workdir, "stages.png"),
+            summary["stage_accuracy"],
+            summary["fp_accuracy"],
+            f"{summary['method']}: test accuracy after each stage",
+        )
+    reporter.info(format_run_summary(summary))
+    table = qsummary.format_summary(
+        qsummary.model_summary(model, variables, image_shape), "model summary"
+    )
+    with open(os.path.join(workdir, "model_summary.txt"), "w") as f:
+        f.write(table + "\n")
+    reporter.info(table)

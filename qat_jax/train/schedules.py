@@ -5,9 +5,10 @@
   phase (:func:`per_stage_schedule`), built from the stage boundaries of the
   :class:`~qat_jax.train.stages.StageController`.
 
-The QAT optimizer state is created fresh when QAT starts (``trainer._start_qat``) and is saved with
-every checkpoint, so its step count is ``global step - qat_start`` at every QAT step, also after a
-resume: the schedule needs nothing but that count, and one compiled train step serves every stage.
+The QAT optimizer state is created fresh when QAT starts
+(:meth:`qat_jax.train.boundaries.Boundaries.start_qat`) and is saved with every checkpoint, so its
+step count is ``global step - qat_start`` at every QAT step, also after a resume: the schedule
+needs nothing but that count, and one compiled train step serves every stage.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def stage_segments(controller) -> list[int]:
 def qat_schedule(optim_cfg, controller, qat_steps: int) -> optax.Schedule:
     """The QAT learning rate as a function of the QAT optimizer's count (``optim.schedule``)."""
     kind = optim_cfg.get("schedule", "global")
-    if kind == "global" or controller is None:
+    if kind == "global" or controller is None or not controller.quantizes:
         return warmup_cosine(
             optim_cfg.learning_rate,
             optim_cfg.warmup_steps,

@@ -28,6 +28,12 @@ step before BiTAT's): every layer's *input* becomes binary, every weight stays F
 the progressive weight stages follow as stages ``1..`` (their inputs already binary, their
 thresholds kept), then the final phase. The controller's record (which stage has been entered)
 is a small JSON dict saved with every checkpoint.
+
+A run that does not quantize (method ``fp``) has a schedule too, with no stages
+(:meth:`StageController.fp_only`): its FP phase is the whole run. Stage indices: ``FP_PHASE``
+(-1, :attr:`StageController.fp_phase`) is the FP phase, ``0 .. num_stages - 1`` the stages and
+``num_stages`` (:attr:`StageController.final_index`) the final phase; :meth:`~StageController.is_fp`
+and :meth:`~StageController.is_final` name them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from qat_jax.tree import Path, map_with_path
 
 __all__ = ["ScheduleConfig", "Stage", "StageController", "FP_PHASE"]
 
+#: The stage index of the FP phase (before QAT); ``StageController.fp_phase``.
 FP_PHASE = -1
 GRANULARITIES = ("layer", "block", "all", "two_step")
 
@@ -118,26 +125,35 @@ class Stage:
 class StageController:
     """Owns the schedule; pure Python over layer paths (no arrays, no model)."""
 
+    fp_phase = FP_PHASE
+
     def __init__(
         self,
         layers: Sequence[tuple[Path, int]],
         cfg: ScheduleConfig,
         qat_start: int = 0,
+        *,
+        stages: bool = True,
     ):
-        cfg.validate()
-        if not layers:
-            raise ValueError("the model has no quantizable layers")
+        """``stages=False``: no stages and no final phase, whatever ``cfg`` says (the schedule of
+        a run that trains FP only; :meth:`fp_only` builds it)."""
+        if stages:
+            cfg.validate()
+            if not layers:
+                raise ValueError("the model has no quantizable layers")
+        else:
+            cfg, layers = ScheduleConfig(final_steps=0), ()
         self.cfg = cfg
         self.layers: tuple[Path, ...] = tuple(tuple(p) for p, _ in layers)
         self.block_of: dict[Path, int] = {tuple(p): int(b) for p, b in layers}
         self.qat_start = int(qat_start)
         # Stages before the weight stages: the acts-first stage (its own step budget).
         self.lead = 1 if int(cfg.acts_first_steps) else 0
-        stages = self._build_stages()
+        built = self._build_stages() if stages else ()
         if self.lead:
             acts = Stage(0, self.layers, self.block_of[self.layers[-1]], (), weights=False)
-            stages = (acts, *(dataclasses.replace(s, index=s.index + 1) for s in stages))
-        self.stages = stages
+            built = (acts, *(dataclasses.replace(s, index=s.index + 1) for s in built))
+        self.stages: tuple[Stage, ...] = built
         n_shared = len(self.stages) - self.lead
         if int(cfg.total_stage_steps) and int(cfg.total_stage_steps) < n_shared:
             raise ValueError(
@@ -145,6 +161,12 @@ class StageController:
                 f"{n_shared} stages: every stage needs at least one step"
             )
         self.entered = FP_PHASE  # record: index of the last stage whose start was applied
+
+    @classmethod
+    def fp_only(cls, fp_steps: int) -> StageController:
+        """The schedule of a run that does not quantize (method ``fp``): ``fp_steps`` steps of
+        the FP phase and nothing after them (``num_stages == 0``, ``total_steps == fp_steps``)."""
+        return cls((), ScheduleConfig(), qat_start=fp_steps, stages=False)
 
     # -- schedule ---------------------------------------------------------------------------
     def _build_stages(self) -> tuple[Stage, ...]:
@@ -191,7 +213,21 @@ class StageController:
 
     @property
     def final_index(self) -> int:
+        """The index of the final phase (everything binary), after the last stage."""
         return self.num_stages
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the schedule has stages (``False``: an FP-only run, method ``fp``)."""
+        return self.num_stages > 0
+
+    def is_fp(self, k: int) -> bool:
+        """Whether ``k`` (e.g. :meth:`stage_at`, :attr:`entered`) is the FP phase."""
+        return k == FP_PHASE
+
+    def is_final(self, k: int) -> bool:
+        """Whether ``k`` is the final phase (every layer binary)."""
+        return k >= self.num_stages
 
     def stage_start(self, k: int) -> int:
         """Global step at which stage ``k`` (``k == num_stages``: the final phase) starts."""
@@ -211,7 +247,7 @@ class StageController:
     def stage_at(self, step: int) -> int:
         """Stage index active at global ``step`` (``FP_PHASE`` before QAT, ``num_stages`` final)."""
         if step < self.qat_start:
-            return FP_PHASE
+            return self.fp_phase
         k = 0
         while k < self.num_stages and step >= self.stage_start(k + 1):
             k += 1
@@ -244,9 +280,13 @@ class StageController:
             out.update(s.completes)
         return out
 
+    def stage_layers(self, k: int) -> tuple[Path, ...]:
+        """The layers stage ``k`` quantizes (the final phase: the last stage's)."""
+        return self.stages[min(k, self.num_stages - 1)].layers
+
     def trainable_transforms(self, k: int) -> set[Path]:
         """Layers whose ``P``, ``rho`` train in stage ``k``: the current block's quantized layers."""
-        if not self.cfg.train_transform or k < 0 or k >= self.num_stages:
+        if not self.cfg.train_transform or self.is_fp(k) or self.is_final(k):
             return set()
         return self.weights_quantized_through(k) - self.materialized_before(k)
 
@@ -258,7 +298,7 @@ class StageController:
         frozen = self.materialized_before(k)
         out = {}
         for p in self.layers:
-            if k >= self.num_stages and self.cfg.final_train_latent:
+            if self.is_final(k) and self.cfg.final_train_latent:
                 out[p] = (BINARIZING, BINARY_INPUT)
             elif p in frozen:
                 out[p] = (FROZEN, BINARY_INPUT)
@@ -270,6 +310,14 @@ class StageController:
                 out[p] = (FP, FP_INPUT)
         return out
 
+    def modes_after(self, k: int) -> dict[Path, tuple[int, int]]:
+        """Modes at the end of stage ``k``: its completed blocks frozen binary, the rest as in
+        ``k`` (the network evaluated after the stage, before the next one starts)."""
+        modes = dict(self.modes(k))
+        for p in self.stages[k].completes:
+            modes[p] = (FROZEN, 1)
+        return modes
+
     def _owner(self, path: Path) -> tuple[Path | None, str]:
         """``(layer path, leaf name)`` of a trainable leaf ``(collection, *module path, name)``."""
         module = tuple(path[1:-1])
@@ -279,9 +327,9 @@ class StageController:
         """Whether the trainable leaf at ``path`` (``('params'|'quant', ..., name)``) trains in ``k``."""
         collection = path[0]
         layer, name = self._owner(path)
-        if k == FP_PHASE:
+        if self.is_fp(k):
             return collection == "params"
-        final = k >= self.num_stages
+        final = self.is_final(k)
         if collection == "quant":
             if layer is None:
                 return False
@@ -302,9 +350,9 @@ class StageController:
         )
 
     def describe(self, k: int) -> str:
-        if k == FP_PHASE:
+        if self.is_fp(k):
             return "fp"
-        if k >= self.num_stages:
+        if self.is_final(k):
             return "final"
         stage = self.stages[k]
         names = ",".join("/".join(p) for p in stage.layers)
@@ -318,6 +366,8 @@ class StageController:
         return {"entered": int(self.entered), "num_stages": self.num_stages}
 
     def restore(self, record: Mapping) -> None:
+        if not record and not self.quantizes:
+            return  # an FP-only run's checkpoint written before it had a schedule
         if int(record["num_stages"]) != self.num_stages:
             raise ValueError(
                 f"checkpoint has {record['num_stages']} stages, the config gives "

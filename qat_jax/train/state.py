@@ -19,14 +19,13 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 
 from qat_jax.tree import Path
 
 TRAINABLE = ("params", "quant")
 STATE = ("batch_stats", "qstate", "calib", "binary")
 
-__all__ = ["TRAINABLE", "STATE", "Path", "TrainState", "split_variables", "ones_mask"]
+__all__ = ["TRAINABLE", "STATE", "Path", "TrainState", "split_variables"]
 
 
 @flax.struct.dataclass
@@ -61,7 +60,3 @@ def split_variables(variables: Mapping) -> tuple[dict, dict]:
     trainable = {k: variables.get(k, {}) for k in TRAINABLE}
     state = {k: variables.get(k, {}) for k in STATE}
     return trainable, state
-
-
-def ones_mask(params: Mapping) -> dict:
-    return jax.tree.map(lambda x: jnp.ones((), jnp.float32), dict(params))

@@ -25,7 +25,6 @@ __all__ = [
     "make_train_step",
     "eval_step",
     "input_stats_step",
-    "calib_step",
     "bn_step",
 ]
 
@@ -168,10 +167,6 @@ def input_stats_step(model: nn.Module, variables, images) -> dict:
     """
     _, new_vars = model.apply(variables, images, train=False, mutable=[qlayers.INPUT_STATS])
     return lax.psum(new_vars[qlayers.INPUT_STATS], AXIS)
-
-
-# Former name, kept while the trainer is being rewritten on another branch.
-calib_step = input_stats_step
 
 
 def bn_step(model: nn.Module, variables, images, base: float = 0.0) -> dict:
