@@ -1,7 +1,7 @@
 """The pieces of a stage boundary, as functions of the host train state (forward passes only).
 
-* :func:`calibrate_layers` -- input-dependent initialisation of the stage's layers (METHOD s. 3/5):
-  pass 1 sets each threshold ``tau`` to the per-channel input mean; pass 2 accumulates the second
+* :func:`calibrate_layers` -- input-dependent initialisation of the stage's layers
+  (docs/method.md, "The transform" and "Progressive, aggregated schedule"): pass 1 sets each threshold ``tau`` to the per-channel input mean; pass 2 accumulates the second
   moment ``Sigma`` of the *binarized* input patches, then ``V0, lam = eigh(Sigma)``,
   ``rho`` so that ``s^2 ~ lam^gamma`` and ``P = 0``.
 * :func:`materialize_layers` -- ``B``, ``alpha`` of completed blocks into the ``binary`` collection.
