@@ -32,7 +32,6 @@ from qat_jax import experiment, export
 from qat_jax.models import init_variables, quantizable_layers
 from qat_jax.train import calibrate, checkpoint, parallel, schedules, steps
 from qat_jax.train.config_files import load_config_file
-from qat_jax.train.stages import FP_PHASE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, SIZE = 4, 16
@@ -153,6 +152,7 @@ def main(argv=None) -> dict:
     pool = [x.reshape(*per_dev, SIZE, SIZE, 1) for x in np.split(pool_x, 4)]
     test_x, test_y = synthetic_data(args.seed + 1, 256)
     eval_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))  # modes are data: one compile
+    # A model of the zoo declares it (qat_jax.models.BN_MOMENTUM); a model of yours is measured.
     bn_momentum = calibrate.measure_bn_momentum(
         bn_fn, parallel.replicate(hstate.variables), pool[0]
     )
@@ -194,16 +194,18 @@ def main(argv=None) -> dict:
     if restored is not None:
         start, hstate, meta = restored
         controller.restore(meta["controller"])
-        if controller.entered != FP_PHASE:
+        if not controller.is_fp(controller.entered):
             teacher = parallel.replicate(checkpoint.load_variables(teacher_dir, hstate.variables))
         print(f"resumed from step {start} ({controller.describe(controller.entered)})")
     rstate = parallel.replicate(hstate)
     rng = parallel.replicate(jax.random.PRNGKey(args.seed + 3))  # dropout stream (none here)
     for step in range(start, controller.total_steps):
         k = controller.stage_at(step)
-        if k != FP_PHASE and controller.entered < k:  # a stage boundary (host side)
+        if not controller.is_fp(k) and controller.entered < k:  # a stage boundary (host side)
             hstate = parallel.to_host(rstate)
-            if controller.entered == FP_PHASE:  # FP -> QAT: the FP model becomes the KD teacher
+            if controller.is_fp(
+                controller.entered
+            ):  # FP -> QAT: the FP model becomes the KD teacher
                 hstate = reestimate(hstate)
                 print(f"FP model: test acc {accuracy(hstate):.3f}")
                 checkpoint.save_variables(teacher_dir, hstate.variables)
@@ -215,7 +217,7 @@ def main(argv=None) -> dict:
         i = (step * args.batch_size) % (len(images) - args.batch_size)
         batch = {"image": images[i : i + args.batch_size], "label": labels[i : i + args.batch_size]}
         batch = parallel.shard(jax.tree.map(lambda a: a.reshape(*per_dev, *a.shape[1:]), batch))
-        train = p_train_fp if k == FP_PHASE else p_train_qat
+        train = p_train_fp if controller.is_fp(k) else p_train_qat
         rstate, _ = train(rstate, batch, rng, teacher)
     hstate = parallel.to_host(rstate)
     if controller.entered < controller.final_index:  # zero final steps: freeze the last stage here
