@@ -19,6 +19,11 @@ from qat_jax.train.config_files import load_sibling
 def get_config() -> ml_collections.ConfigDict:
     c = load_sibling(__file__, "default.py")
     c.fp.steps = 1900
+    # The study's results (docs/results.md) were measured with these; the default job's larger
+    # learning rates and BN pool were tuned at its short budget only.
+    c.fp.learning_rate = 3e-3
+    c.optim.learning_rate = 1e-3
+    c.schedule.bn_batches = 4
     c.fp.warmup_steps = 100
     c.schedule.steps_per_stage = 250  # 6 block stages x 250 = 1,500
     c.schedule.final_steps = 400

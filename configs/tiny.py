@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.stage_eval_examples = 64
     c.fp.steps = 8
+    # The learning rates the tests were written against (the default's are tuned for its budget).
+    c.fp.learning_rate = 3e-3
+    c.optim.learning_rate = 1e-3
     c.fp.warmup_steps = 2
     c.schedule.steps_per_stage = 3
     c.schedule.final_steps = 3
