@@ -149,3 +149,25 @@ def test_profile_step_runs_on_the_tiny_setup(tmp_path):
     # the FP step has a backward pass, and ops of the model's layers are named
     assert any(k.startswith("bwd ") for k in r["kinds"])
     assert any(k.split(" ", 1)[1].startswith("block") for k in r["layers"])
+
+
+@pytest.mark.slow
+def test_bn_reestimation_reproduces_the_runs_accuracy(tmp_path):
+    """With the run's own pool batches the diagnostic gives the run's final accuracy exactly."""
+    from qat_jax.train import train_and_evaluate
+    from qat_jax.train.config_files import load_config_file
+
+    bn = _load("bn_reestimation")
+    config = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    config.unlock()
+    config.progress = False
+    summary = train_and_evaluate(config, str(tmp_path / "run"))
+    assert config.schedule.bn_batches == 1
+    r = bn.bn_accuracies(config, str(tmp_path / "run"), ["2", "1"], window=1)
+    assert r["saved"] == summary["final_accuracy"]
+    assert r["first"][1] == summary["final_accuracy"]  # the pool's first batch, as in the run
+    assert r["windows"][(0, 1)] == r["first"][1]
+    assert set(r["first"]) == {1, 2} and len(r["windows"]) == 4
+    assert all(0.0 <= a <= 1.0 for a in [*r["first"].values(), *r["windows"].values()])
+    with pytest.raises(ValueError, match="counts must be"):
+        bn.bn_accuracies(config, str(tmp_path / "run"), ["0"], window=1)
