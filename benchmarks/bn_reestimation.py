@@ -25,12 +25,17 @@ import tempfile
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "the run's config file", lock_config=False
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "folder of a finished run")
-_COUNTS = flags.DEFINE_list("counts", ["1", "4", "16", "64"], "numbers of pool batches")
-_WINDOW = flags.DEFINE_integer("window", 4, "batches per window (0: no windows)")
+_FLAGS = {}
+
+
+def _define_flags() -> None:
+    """The CLI's flags, defined only when run as a script (importing this module defines none)."""
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "the run's config file", lock_config=False
+    )
+    _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "folder of a finished run")
+    _FLAGS["counts"] = flags.DEFINE_list("counts", ["1", "4", "16", "64"], "pool batch counts")
+    _FLAGS["window"] = flags.DEFINE_integer("window", 4, "batches per window (0: no windows)")
 
 
 def bn_accuracies(config, workdir: str, counts, window: int) -> dict:
@@ -73,10 +78,11 @@ def bn_accuracies(config, workdir: str, counts, window: int) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    f = {k: v.value for k, v in _FLAGS.items()}
+    if f["config"] is None or not f["workdir"]:
         raise app.UsageError("--config and --workdir are required")
-    r = bn_accuracies(_CONFIG.value, os.path.abspath(_WORKDIR.value), _COUNTS.value, _WINDOW.value)
-    print(f"| BN statistics from | test accuracy ({_WORKDIR.value}) |")
+    r = bn_accuracies(f["config"], os.path.abspath(f["workdir"]), f["counts"], f["window"])
+    print(f"| BN statistics from | test accuracy ({f['workdir']}) |")
     print("|---|---|")
     print(f"| as saved by the run | {100 * r['saved']:.2f} % |")
     for n, a in r["first"].items():
@@ -86,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

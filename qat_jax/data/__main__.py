@@ -24,20 +24,33 @@ __all__ = ["main", "EXIT_BAD_INPUT"]
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 
+#: This entry point's flags (kept apart from every other module's: qat_jax.cli).
+FLAGS = flags.FlagValues()
 _DATASET = flags.DEFINE_enum(
-    "dataset", None, sorted(registry.SPECS), "The dataset to prepare (its stock TFDS name)."
+    "dataset",
+    None,
+    sorted(registry.SPECS),
+    "The dataset to prepare (its stock TFDS name).",
+    flag_values=FLAGS,
 )
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory with the source files.")
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", None, "Directory with the source files.", flag_values=FLAGS
+)
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, f"TFDS data dir (default ${registry.DATA_DIR_ENV} or ~/tensorflow_datasets)."
+    "data_dir",
+    None,
+    f"TFDS data dir (default ${registry.DATA_DIR_ENV} or ~/tensorflow_datasets).",
+    flag_values=FLAGS,
 )
-_FORCE = flags.DEFINE_bool("force", False, "Rebuild even if the dataset is prepared.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide the progress bar.")
-flags.mark_flags_as_required(["dataset"])
+_FORCE = flags.DEFINE_bool(
+    "force", False, "Rebuild even if the dataset is prepared.", flag_values=FLAGS
+)
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide the progress bar.", flag_values=FLAGS)
+flags.mark_flags_as_required(["dataset"], flag_values=FLAGS)
 
 
 #: absl's parsing; a missing --dataset, an unknown name or flag, a bad bool: one line, exit 2.
-parse_flags = cli.flags_parser("python -m qat_jax.data")
+parse_flags = cli.flags_parser("python -m qat_jax.data", FLAGS)
 
 
 def main(argv: list[str]) -> int:

@@ -27,24 +27,31 @@ from qat_jax.train.methods import method_settings
 
 EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (its newest readable checkpoint).")
-_CONFIG = flags.DEFINE_string("config", None, "A configs/*.py file (a freshly initialised model).")
+#: This entry point's flags (kept apart from every other module's: qat_jax.cli).
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A run's workdir (its newest readable checkpoint).", flag_values=FLAGS
+)
+_CONFIG = flags.DEFINE_string(
+    "config", None, "A configs/*.py file (a freshly initialised model).", flag_values=FLAGS
+)
 _BINARY = flags.DEFINE_enum(
     "binary",
     None,
     list(_BINARY_MODES),
     "Which quantizable layers count as binary (default: 'modes' for --workdir; for --config "
     "'all' unless config.method is 'fp').",
+    flag_values=FLAGS,
 )
 _NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", None, "--config: classes (default: from the data)."
+    "num_classes", None, "--config: classes (default: from the data).", flag_values=FLAGS
 )
-_JSON = flags.DEFINE_string("json", None, "Also write the table as JSON here.")
-flags.mark_flags_as_mutual_exclusive(["workdir", "config"], required=True)
+_JSON = flags.DEFINE_string("json", None, "Also write the table as JSON here.", flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["workdir", "config"], required=True, flag_values=FLAGS)
 
 
 #: absl's parsing; neither or both of --workdir/--config, an unknown flag or value: one line, exit 2.
-parse_flags = cli.flags_parser("python -m qat_jax.summary")
+parse_flags = cli.flags_parser("python -m qat_jax.summary", FLAGS)
 
 
 def main(argv: list[str]) -> int:

@@ -34,7 +34,10 @@ class TrainState:
 
     Attributes:
       step: int32 scalar, global step (FP phase and QAT phase counted together).
-      params: trainable collections ``{'params': ..., 'quant': ...}``.
+      params: trainable collections ``{'params': ..., 'quant': ...}``: what the optimizer
+        updates (optax's and Flax's ``params``), two collections because thresholds and
+        transforms train too. The field keeps this name because checkpoints store the fields by
+        name; ``state.variables`` gives the model's variables without the nesting.
       state: non-trainable collections ``{'batch_stats', 'qstate', 'calib', 'binary'}``.
       opt_state: the optax state of ``params``.
       mask: float32 0/1 tree shaped like ``params``; 0 freezes a leaf bit-exactly.
