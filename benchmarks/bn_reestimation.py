@@ -1,11 +1,12 @@
-"""How a finished run's test accuracy depends on the batches its BN statistics are estimated from.
+"""How a finished run's test accuracy depends on how its BN statistics are estimated.
 
 Every evaluation of a run (after each stage and at the end) first re-estimates the BN statistics
-as the exact mean over the first ``schedule.bn_batches`` batches of a fixed pool of train
-batches (``qat_jax.train.calibrate.reestimate_bn``). This diagnostic takes the run's final state
-and evaluates it on the whole test split with the statistics estimated over the first ``n``
-batches of that pool for each ``--counts``, and over consecutive windows of ``--window`` batches
-(``[0, w)``, ``[w, 2w)``, ...), to show how much of a reported accuracy is the choice of batches.
+on the first ``schedule.bn_batches`` batches of a fixed pool of train batches
+(``qat_jax.train.calibrate.reestimate_bn``), either pooled into one batch or as the mean of
+per-batch statistics (``schedule.bn_estimate``). This diagnostic takes the run's final state and
+evaluates it on the whole test split with both estimates over the first ``n`` batches of that
+pool for each ``--counts``, and over consecutive windows of ``--window`` batches (``[0, w)``,
+``[w, 2w)``, ...), to show how much of a reported accuracy is the estimate and the batches.
 
 Usage (the config and overrides of the run, as given to ``qat_jax.main``)::
 
@@ -39,8 +40,9 @@ def _define_flags() -> None:
 
 
 def bn_accuracies(config, workdir: str, counts, window: int) -> dict:
-    """``{'saved': acc, 'first': {n: acc}, 'windows': {(start, stop): acc}}`` of the run's final
-    state (``saved``: with the statistics it was saved with)."""
+    """``{'saved': acc, 'first': {n: row}, 'windows': {(start, stop): row}}`` of the run's final
+    state (``saved``: with the statistics it was saved with; ``row``: ``{'pooled': acc,
+    'per_batch': acc}``, one per ``schedule.bn_estimate``)."""
     from qat_jax.train import calibrate, trainer
     from qat_jax.train.timing import Timer
 
@@ -62,8 +64,12 @@ def bn_accuracies(config, workdir: str, counts, window: int) -> dict:
         b = run.boundaries
 
         def acc(batches):
-            h = calibrate.reestimate_bn(hstate, b.bn_fn, batches, b.bn_momentum)
-            return b.evaluate(h)["accuracy"]
+            row = {}
+            for name in calibrate.BN_ESTIMATES:
+                pooled = name == "pooled"
+                h = calibrate.reestimate_bn(hstate, b.bn_fn, batches, b.bn_momentum, pooled)
+                row[name] = b.evaluate(h)["accuracy"]
+            return row
 
         out = {"saved": b.evaluate(hstate)["accuracy"], "first": {}, "windows": {}}
         for n in counts:
@@ -82,13 +88,14 @@ def main(argv):
     if f["config"] is None or not f["workdir"]:
         raise app.UsageError("--config and --workdir are required")
     r = bn_accuracies(f["config"], os.path.abspath(f["workdir"]), f["counts"], f["window"])
-    print(f"| BN statistics from | test accuracy ({f['workdir']}) |")
-    print("|---|---|")
-    print(f"| as saved by the run | {100 * r['saved']:.2f} % |")
-    for n, a in r["first"].items():
-        print(f"| pool batches [0, {n}) | {100 * a:.2f} % |")
-    for (lo, hi), a in r["windows"].items():
-        print(f"| pool batches [{lo}, {hi}) | {100 * a:.2f} % |")
+    print(f"Test accuracy of {f['workdir']} with BN statistics from")
+    print("| pool batches | pooled | mean of per-batch |")
+    print("|---|---|---|")
+    print(f"| as saved by the run | {100 * r['saved']:.2f} % | |")
+    rows = [(f"[0, {n})", a) for n, a in r["first"].items()]
+    rows += [(f"[{lo}, {hi})", a) for (lo, hi), a in r["windows"].items()]
+    for label, a in rows:
+        print(f"| {label} | {100 * a['pooled']:.2f} % | {100 * a['per_batch']:.2f} % |")
 
 
 if __name__ == "__main__":

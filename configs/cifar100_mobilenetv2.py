@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule.acts_first_steps = 2 * STEPS_PER_EPOCH  # one stage's worth
     c.schedule.final_steps = 20 * STEPS_PER_EPOCH
     c.schedule.calib_batches = 8
-    c.schedule.bn_batches = 20
+    c.schedule.bn_batches = 20  # pooled: 20 x 256 = 5120 images in one forward
     c.log_every = 100
     c.checkpoint_every = 2000
     c.log_layer_metrics = True

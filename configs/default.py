@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fp.warmup_steps = 30
     c.fp.final_lr_fraction = 0.01
     c.fp.grad_clip = 0.0
+    c.fp.weight_decay = 0.0  # > 0: AdamW on the kernels (decoupled; experiment.create_optimizer)
 
     # QAT optimizer: Adam, no weight decay (our choice); warmup + cosine per stage (see schedule).
     c.optim = ml_collections.ConfigDict()
@@ -71,6 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 5
     c.optim.final_lr_fraction = 0.01
     c.optim.grad_clip = 0.0
+    # > 0: AdamW on the kernels, i.e. the latent weights of the binary layers (decoupled).
+    c.optim.weight_decay = 0.0
     # 'global': one warmup + cosine over all QAT steps; 'per_stage': warmup + cosine restarted at
     # the start of every stage and of the final phase (same warmup_steps / final_lr_fraction).
     c.optim.schedule = "per_stage"
@@ -109,9 +112,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule.acts_first_steps = 40
     c.schedule.calib_batches = 2
     # BN statistics are re-estimated over this many train batches at every boundary and before
-    # every evaluation: with 4 (256 images) the binary network's accuracy swung by up to 17
-    # points with the choice of batches (docs/results.md, "BN re-estimation").
+    # every evaluation (calibration reads the network with them too).
     c.schedule.bn_batches = 16
+    # 'pooled': one train-mode forward over the bn_batches joined into one batch: the population
+    # statistics of the network as evaluated (memory: that forward). 'per_batch': the mean of
+    # each batch's statistics (PyTorch's update_bn; memory of one batch): biased with binary
+    # activations, -3.6 points here at 16 batches (docs/results.md, "BN re-estimation").
+    c.schedule.bn_estimate = "pooled"
 
     c.log_every = 30
     c.log_layer_metrics = True

@@ -40,7 +40,7 @@ from qat_jax import layers as qlayers
 from qat_jax import models as qmodels
 from qat_jax.config_checks import ConfigError, check_numbers, is_int
 from qat_jax.models.common import LAYER_KINDS
-from qat_jax.train import parallel, schedules
+from qat_jax.train import calibrate, parallel, schedules
 from qat_jax.train.methods import method_settings
 from qat_jax.train.stages import ScheduleConfig, StageController
 from qat_jax.train.state import TrainState, split_variables
@@ -184,15 +184,30 @@ def create_controller(
 
 
 def create_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Adam with the learning rate ``schedule`` (``qat_jax.train.schedules``), optional clip.
+    """Adam with the learning rate ``schedule`` (``qat_jax.train.schedules``), optional clip and
+    decoupled weight decay.
 
-    ``cfg``: ``config.fp`` or ``config.optim`` (``grad_clip`` > 0 clips the global norm).
+    ``cfg``: ``config.fp`` or ``config.optim``. ``grad_clip`` > 0 clips the global norm.
+    ``weight_decay`` > 0 makes it AdamW on the conv/dense kernels only (``params/**/kernel``:
+    the latent weights of binary layers and the FP layers' weights; BN, biases, thresholds and
+    transforms are not decayed): each step also subtracts ``lr * weight_decay * kernel``. A
+    frozen kernel is not decayed (the trainer multiplies every update by the freeze mask).
+    ``weight_decay = 0`` is plain Adam, with Adam's optimizer state.
     """
     parts = []
     if cfg.grad_clip and cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adam(schedule))
+    wd = float(cfg.get("weight_decay", 0.0) or 0.0)
+    if wd > 0:
+        parts.append(optax.adamw(schedule, weight_decay=wd, mask=_kernel_mask))
+    else:
+        parts.append(optax.adam(schedule))
     return optax.chain(*parts)
+
+
+def _kernel_mask(params):
+    """``True`` at every ``kernel`` leaf under ``params`` (what weight decay applies to)."""
+    return map_with_path(lambda path, _: path[0] == "params" and path[-1] == "kernel", params)
 
 
 def create_train_state(variables: Mapping, tx: optax.GradientTransformation) -> TrainState:
@@ -278,6 +293,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ConfigError(
             f"optim.schedule must be one of {schedules.SCHEDULES}, got "
             f"{config.optim.schedule!r}: set --config.optim.schedule"
+        )
+    if config.schedule.get("bn_estimate", "pooled") not in calibrate.BN_ESTIMATES:
+        raise ConfigError(
+            f"--config.schedule.bn_estimate={config.schedule.bn_estimate!r}: must be one of "
+            f"{calibrate.BN_ESTIMATES}"
         )
     if config.quant.get("act_grad", "approx") not in ("approx", "ste"):
         raise ConfigError(

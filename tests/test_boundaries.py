@@ -14,7 +14,7 @@ from qat_jax import models as qmodels
 from qat_jax.train import calibrate, parallel, reporting
 from qat_jax.train.boundaries import Boundaries, quant_layer_metrics
 from qat_jax.train.config_files import load_config_file
-from qat_jax.tree import get_path, leaves_with_paths
+from qat_jax.tree import get_path, leaves_with_paths, set_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 1)
@@ -59,6 +59,102 @@ def test_the_declared_bn_momentum_is_the_measured_one(tiny):
     _, _, hstate, b = tiny
     rvars = parallel.replicate(hstate.variables)
     assert b.bn_momentum == calibrate.measure_bn_momentum(b.bn_fn, rvars, b.calib_pool[0])
+
+
+def _bn_input_moments(model, variables, images):
+    """Per BN layer, the mean and (biased) variance of its input in an eval-mode forward."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            x = args[0]
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            for name, v in (("mean", mean), ("var", var)):
+                context.module.sow("moments", name, v, init_fn=lambda: 0, reduce_fn=lambda _, b: b)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        _, out = model.apply(variables, images, train=False, mutable=["moments"])
+    return out["moments"]
+
+
+def _binary_inputs(tiny):
+    """The fixture's state with every binary layer's input binarized (weights FP), and a pool
+    of 3 batches of 8 images unlike each other (so that per-batch statistics differ)."""
+    _, layers, hstate, b = tiny
+    modes = {q.path: (qlayers.FP, qlayers.BINARY_INPUT) for q in layers}
+    hs = calibrate.apply_modes(hstate, modes)
+    # Thresholds inside the ReLU6 range (at 0 every input would binarize to +1, a constant that
+    # leaves only float noise after the next BN).
+    params = dict(hs.params)
+    for q in layers:
+        params = set_path(
+            params,
+            ("quant", *q.path, "tau"),
+            np.full_like(get_path(params, ("quant", *q.path, "tau")), 0.5),
+        )
+    hs = hs.replace(params=params)
+    r = np.random.default_rng(1)
+    pool = [
+        (r.normal(size=(jax.local_device_count(), 8, *SHAPE)) * (1 + i) + i).astype(np.float32)
+        for i in range(3)
+    ]
+    config = tiny[0]
+    model = experiment.create_model(config, 10, experiment.quant_config(config))
+    return hs, b, pool, model
+
+
+def test_pooled_bn_statistics_are_those_of_the_network_as_evaluated(tiny):
+    """The pooled estimate is the fixed point of eval-mode re-estimation: evaluated with it,
+    every BN layer's input has exactly the mean and variance it normalises with."""
+    hs, b, pool, model = _binary_inputs(tiny)
+    images = np.concatenate(pool, axis=1).reshape(-1, *SHAPE)
+    est = calibrate.reestimate_bn(hs, b.bn_fn, pool, b.bn_momentum, pooled=True)
+    stats = est.state["batch_stats"]
+    moments = _bn_input_moments(model, est.variables, images)
+    layers = [p[:-1] for p, _ in leaves_with_paths(stats) if p[-1] == "mean"]
+    assert layers
+    for p in layers:
+        mean, var = (np.asarray(get_path(stats, (*p, k))) for k in ("mean", "var"))
+        # float32 rounding of E[x^2] - E[x]^2 (Flax's variance) is relative to E[x^2].
+        second = float(np.max(np.square(mean) + var))
+        np.testing.assert_allclose(
+            get_path(moments, (*p, "mean")),
+            mean,
+            rtol=1e-4,
+            atol=1e-5 * np.sqrt(second),
+            err_msg=str(p),
+        )
+        np.testing.assert_allclose(
+            get_path(moments, (*p, "var")), var, rtol=1e-4, atol=1e-5 * second
+        )
+    # The mean of per-batch statistics is not a fixed point of this network.
+    per = calibrate.reestimate_bn(hs, b.bn_fn, pool, b.bn_momentum, pooled=False)
+    per_stats = per.state["batch_stats"]
+    moments = _bn_input_moments(model, per.variables, images)
+    gaps = [
+        float(np.max(np.abs(np.asarray(get_path(moments, p)) - v)) / np.max(np.abs(v)))
+        for p, v in leaves_with_paths(per_stats)
+    ]
+    assert max(gaps) > 1e-2, gaps
+
+
+def test_per_batch_bn_statistics_are_the_mean_of_each_batch_s(tiny):
+    hs, b, pool, _ = _binary_inputs(tiny)
+    single = [
+        calibrate.reestimate_bn(hs, b.bn_fn, [x], b.bn_momentum).state["batch_stats"] for x in pool
+    ]
+    per = calibrate.reestimate_bn(hs, b.bn_fn, pool, b.bn_momentum, pooled=False)
+    want = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *single)
+    for (path, got), (_, w) in zip(
+        leaves_with_paths(per.state["batch_stats"]), leaves_with_paths(want), strict=True
+    ):
+        np.testing.assert_allclose(
+            got, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()), err_msg=str(path)
+        )
 
 
 def test_entering_stages_calibrates_switches_modes_masks_and_materialises(tiny, tmp_path):

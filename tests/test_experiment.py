@@ -65,6 +65,8 @@ NAN, INF = math.nan, math.inf
         ("optim.warmup_steps", -1),
         ("optim.final_lr_fraction", -0.1),
         ("optim.grad_clip", -1.0),
+        ("optim.weight_decay", -1e-4),
+        ("fp.weight_decay", NAN),
         ("loss.label_smoothing", 1.0),
         ("loss.label_smoothing", NAN),
         ("loss.kd_weight", -1.0),
@@ -102,6 +104,7 @@ def test_every_numeric_key_is_checked_with_a_one_line_error_naming_it(key, value
         ("model.inverted_residual_setting", ((1, 8, 1),), "rows of 4 integers"),
         ("optim.schedule", "cosine", "optim.schedule must be one of"),
         ("schedule.granularity", "blocks", "granularity must be one of"),
+        ("schedule.bn_estimate", "mean", "--config.schedule.bn_estimate='mean': must be one of"),
         ("method", "bitatt", "unknown method"),
     ],
 )

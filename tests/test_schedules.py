@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -130,3 +131,32 @@ def test_unknown_schedule_is_rejected():
     ctrl = StageController(LAYERS, ScheduleConfig("block", 10), 0)
     with pytest.raises(ValueError, match="optim.schedule"):
         schedules.qat_schedule(_optim("cosine"), ctrl, 30)
+
+
+def test_weight_decay_decays_only_kernels_and_zero_is_plain_adam():
+    """AdamW (decoupled) on ``params/**/kernel``: with a zero gradient Adam's step is 0 and the
+    update is exactly ``-lr * wd * kernel``; BN scales, biases and quantizer variables stay."""
+    lr, wd = 0.1, 0.5
+    params = {
+        "params": {
+            "conv": {"kernel": jnp.full((2, 3), 2.0, jnp.float32)},
+            "bn": {"scale": jnp.ones((3,), jnp.float32), "bias": jnp.ones((3,), jnp.float32)},
+        },
+        "quant": {"conv": {"tau": jnp.ones((2,), jnp.float32)}},
+    }
+    cfg = _optim()
+    cfg.weight_decay = wd
+    tx = create_optimizer(cfg, lambda count: lr)
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    np.testing.assert_allclose(updates["params"]["conv"]["kernel"], -lr * wd * 2.0, rtol=1e-6)
+    for path in (("params", "bn", "scale"), ("params", "bn", "bias"), ("quant", "conv", "tau")):
+        leaf = updates
+        for k in path:
+            leaf = leaf[k]
+        assert not np.any(np.asarray(leaf)), path
+    # weight_decay = 0: Adam itself (the optimizer state of checkpoints written without it).
+    cfg.weight_decay = 0.0
+    plain = create_optimizer(cfg, lambda count: lr).init(params)
+    adam = optax.chain(optax.adam(lambda count: lr)).init(params)
+    assert jax.tree.structure(plain) == jax.tree.structure(adam)

@@ -110,9 +110,16 @@ class Boundaries:
         }
 
     def reestimate(self, hstate: TrainState) -> TrainState:
-        """Exact BN statistics over the first ``schedule.bn_batches`` batches of the pool."""
-        n = int(self.config.schedule.bn_batches)
-        return calibrate.reestimate_bn(hstate, self.bn_fn, self.calib_pool[:n], self.bn_momentum)
+        """BN statistics measured on the first ``schedule.bn_batches`` batches of the pool
+        (``schedule.bn_estimate``: pooled into one batch, or the mean of per-batch statistics)."""
+        sched = self.config.schedule
+        return calibrate.reestimate_bn(
+            hstate,
+            self.bn_fn,
+            self.calib_pool[: int(sched.bn_batches)],
+            self.bn_momentum,
+            pooled=sched.get("bn_estimate", "pooled") == "pooled",
+        )
 
     def activation_metrics(self, hstate: TrainState, k: int) -> dict:
         """Per layer with a binary input in stage ``k``: its share of +1 after ``sign(x - tau)``
