@@ -125,6 +125,37 @@ def test_cli_on_a_config(capsys, tmp_path):
     assert d["totals"]["params"] == sum(r["params"] for r in d["layers"])
 
 
+def test_cli_on_a_config_counts_only_what_the_config_binarizes(capsys, tmp_path):
+    """configs/default.py keeps the depthwise convs FP (quant.fp_kinds): they are FP rows."""
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.path.join(tmp_path, "s.json")
+    args = [
+        "--config",
+        os.path.join(root, "configs/default.py"),
+        "--num_classes=10",
+        f"--json={out}",
+    ]
+    assert summary_cli.main(summary_cli.parse_flags(["qat_jax.summary", *args])) == 0
+    assert "binary=all but depthwise" in capsys.readouterr().out
+    rows = json.load(open(out))["layers"]
+    depthwise = [r for r in rows if r["kind"].startswith("depthwise")]
+    assert depthwise and not any(r["binary"] for r in depthwise)
+    assert any(r["binary"] for r in rows if r["kind"].startswith("conv"))
+    # --binary=all still counts every quantizable layer.
+    args[-1] = f"--json={out}2"
+    assert (
+        summary_cli.main(summary_cli.parse_flags(["qat_jax.summary", *args, "--binary=all"])) == 0
+    )
+    assert all(
+        r["binary"]
+        for r in json.load(open(out + "2"))["layers"]
+        if r["kind"].startswith("depthwise")
+    )
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

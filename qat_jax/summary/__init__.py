@@ -28,7 +28,7 @@ Conventions (per example, i.e. batch 1):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import flax
 import flax.linen as nn
@@ -115,8 +115,10 @@ def _size(x) -> int:
     return int(np.prod(x.shape)) if x is not None else 0
 
 
-def _is_binary(variables, path, binary: str) -> tuple[bool, bool]:
+def _is_binary(variables, path, binary) -> tuple[bool, bool]:
     """``(weights binary, inputs binary)`` of a quantizable layer."""
+    if not isinstance(binary, str):
+        return (path in binary,) * 2
     if binary == "all":
         return True, True
     if binary == "none":
@@ -129,7 +131,10 @@ def _is_binary(variables, path, binary: str) -> tuple[bool, bool]:
 
 
 def model_summary(
-    model: nn.Module, variables: Mapping, input_shape: tuple[int, ...], binary: str = "modes"
+    model: nn.Module,
+    variables: Mapping,
+    input_shape: tuple[int, ...],
+    binary: str | Collection[tuple[str, ...]] = "modes",
 ) -> ModelSummary:
     """The per-layer table of ``model`` on one ``input_shape`` (``(H, W, C)``) example.
 
@@ -140,9 +145,13 @@ def model_summary(
         not ``'modes'``).
       binary: ``'modes'``: a quantizable layer is binary when its ``qstate/w_mode`` is not FP
         (a trained checkpoint); ``'all'``: every quantizable layer is binary (the deployed W1A1
-        model); ``'none'``: everything FP.
+        model); ``'none'``: everything FP; a collection of layer paths: those layers (weights and
+        inputs) are binary and every other quantizable layer is FP (what a config binarizes,
+        :func:`qat_jax.experiment.binary_layers`).
     """
-    if binary not in _BINARY_MODES:
+    if not isinstance(binary, str):
+        binary = frozenset(tuple(p) for p in binary)
+    elif binary not in _BINARY_MODES:
         raise ValueError(f"binary must be one of {_BINARY_MODES}, got {binary!r}")
     variables = flax.core.unfreeze(variables)
     records: list[tuple[nn.Module, tuple, tuple]] = []

@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 
 from qat_jax import cli, experiment
 from qat_jax import data as qdata
+from qat_jax import models as qmodels
 from qat_jax.data import registry
 from qat_jax.summary import _BINARY_MODES, format_summary, model_summary
 from qat_jax.train import checkpoint, reporting
@@ -40,7 +41,7 @@ _BINARY = flags.DEFINE_enum(
     None,
     list(_BINARY_MODES),
     "Which quantizable layers count as binary (default: 'modes' for --workdir; for --config "
-    "'all' unless config.method is 'fp').",
+    "the layers the config binarizes, all but quant.fp_kinds, or none for method 'fp').",
     flag_values=FLAGS,
 )
 _NUM_CLASSES = flags.DEFINE_integer(
@@ -76,8 +77,19 @@ def main(argv: list[str]) -> int:
             lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False),
             jax.random.PRNGKey(0),
         )
-        binary = _BINARY.value or ("all" if settings.quantize else "none")
-        title = f"model summary ({config.method}, {_CONFIG.value}, binary={binary})"
+        binary = _BINARY.value
+        if binary is None and settings.quantize:
+            layers = qmodels.traced_quantizable_layers(model, (1, *shape))
+            try:
+                binary = [q.path for q in experiment.binary_layers(config, layers)]
+            except experiment.ConfigError as e:
+                return cli.error(str(e))
+            kinds = tuple(experiment.fp_kinds(config))
+            label = f"all but {', '.join(kinds)}" if kinds else "all"
+        else:
+            binary = binary or "none"
+            label = binary
+        title = f"model summary ({config.method}, {_CONFIG.value}, binary={label})"
     summary = model_summary(model, variables, shape, binary)
     print(format_summary(summary, title))
     if _JSON.value:
