@@ -209,6 +209,39 @@ def test_entering_stages_calibrates_switches_modes_masks_and_materialises(tiny, 
     assert all(again[f"binerr/{n}"] == first[f"binerr/{n}"] >= 0.0 for n in names)
 
 
+def test_finish_after_a_latent_final_phase_freezes_every_layer_with_the_same_outputs(
+    tiny, tmp_path
+):
+    """``final_train_latent``: the final phase trains every layer binarizing; ``finish``
+    materialises them and leaves them frozen binary, computing what the binarizing modes did."""
+    config, layers, hstate, b = tiny
+    config = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    config.unlock()
+    config.schedule.final_train_latent = True
+    controller = experiment.create_controller(config, layers)
+    reporter = reporting.Reporter(str(tmp_path), progress=False)
+    b = dataclasses.replace(b, controller=controller, reporter=reporter, config=config)
+    b.evaluate = lambda hs, stage=False: {"accuracy": 0.5}  # no test set here
+    hs = b.reestimate(hstate)
+    for k in range(controller.final_index + 1):
+        hs = b.enter_stage(hs, k, [], 0.0)
+    final_state, _ = b.finish(hs, [])
+    for q in layers:
+        assert int(get_path(final_state.state, ("qstate", *q.path, "w_mode"))) == qlayers.FROZEN
+        assert (
+            int(get_path(final_state.state, ("qstate", *q.path, "a_mode"))) == qlayers.BINARY_INPUT
+        )
+    model = experiment.create_model(config, 10, experiment.quant_config(config))
+    images = b.calib_pool[0].reshape(-1, *SHAPE)
+    frozen = model.apply(final_state.variables, images, train=False)
+    binarizing = calibrate.apply_modes(
+        final_state, {q.path: (qlayers.BINARIZING, qlayers.BINARY_INPUT) for q in layers}
+    )
+    want = model.apply(binarizing.variables, images, train=False)
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(frozen, want, rtol=1e-5, atol=1e-5 * scale)
+
+
 def test_finish_enters_the_final_phase_when_no_step_did_and_evaluates(tiny, tmp_path):
     b, hstate = _fresh(tiny, tmp_path)
     c = b.controller

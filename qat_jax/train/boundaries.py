@@ -239,7 +239,7 @@ class Boundaries:
             hstate = calibrate.materialize_layers(
                 hstate, c.layers, self.qcfg, int(self.config.quant.refine_sweeps)
             )
-            hstate = calibrate.apply_modes(hstate, c.modes(c.final_index + 1))
+            hstate = calibrate.apply_modes(hstate, c.finished_modes())
         hstate = self.reestimate(hstate)
         final = self.evaluate(hstate)["accuracy"]
         stage_acc.append({"label": "final", "accuracy": final})

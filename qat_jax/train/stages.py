@@ -310,6 +310,11 @@ class StageController:
                 out[p] = (FP, FP_INPUT)
         return out
 
+    def finished_modes(self) -> dict[Path, tuple[int, int]]:
+        """Modes of the finished model: every layer frozen binary (materialised ``B``, ``alpha``)
+        with a binary input, whatever the final phase trained."""
+        return {p: (FROZEN, BINARY_INPUT) for p in self.layers}
+
     def modes_after(self, k: int) -> dict[Path, tuple[int, int]]:
         """Modes at the end of stage ``k``: its completed blocks frozen binary, the rest as in
         ``k`` (the network evaluated after the stage, before the next one starts)."""
