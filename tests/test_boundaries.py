@@ -142,7 +142,7 @@ def test_pooled_bn_statistics_are_those_of_the_network_as_evaluated(tiny):
     assert max(gaps) > 1e-2, gaps
 
 
-def test_per_batch_bn_statistics_are_the_mean_of_each_batch_s(tiny):
+def test_per_batch_bn_statistics_are_the_mean_of_single_batch_estimates(tiny):
     hs, b, pool, _ = _binary_inputs(tiny)
     single = [
         calibrate.reestimate_bn(hs, b.bn_fn, [x], b.bn_momentum).state["batch_stats"] for x in pool
@@ -214,7 +214,7 @@ def test_finish_after_a_latent_final_phase_freezes_every_layer_with_the_same_out
 ):
     """``final_train_latent``: the final phase trains every layer binarizing; ``finish``
     materialises them and leaves them frozen binary, computing what the binarizing modes did."""
-    config, layers, hstate, b = tiny
+    _, layers, hstate, b = tiny
     config = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
     config.unlock()
     config.schedule.final_train_latent = True
