@@ -248,7 +248,7 @@ def reestimate_bn(
     ``update_bn``; memory of one batch). For a network with binary activations this is biased:
     in each batch the layers below are normalised with *that batch's* statistics, and the sign
     after them turns those per-batch fluctuations into a shift of every statistic above (on the
-    default job it cost 3.6 points at 16 batches and 7.5 at 64, docs/results.md "BN
+    default job it cost 3.6 points at 16 batches and 8.2 at 64, docs/results.md "BN
     re-estimation").
     """
     if not jax.tree.leaves(hstate.state.get("batch_stats", {})):
