@@ -601,10 +601,10 @@ def _timing_row(chrono: Chrono, label: str, batch: int, **extra) -> dict:
 
 
 def jax_worker(args, outdir: str) -> dict:
-    from qat_jax.hostenv import tune_host
+    from qat_jax import hostenv
 
     cpus = _pin_cpus(args.threads)
-    tune_host()  # before the XLA:CPU backend starts
+    hostenv.tune_host()  # before the XLA:CPU backend starts
     from qat_jax.train import compilation_cache
 
     cache = compilation_cache.enable(args.compilation_cache_dir)  # "none": a cold measurement
@@ -645,6 +645,7 @@ def jax_worker(args, outdir: str) -> dict:
         f"{ops.resolve_impl(setup.config.model.conv_impl)}",
         "cpus": cpus,
         "compilation_cache_dir": cache,
+        "allocator": hostenv.allocator(),
         "build_s": round(chrono.last("build"), 3),
         "steps": rows,
         "load_before": load_before,
@@ -677,6 +678,8 @@ def jax_worker(args, outdir: str) -> dict:
 def torch_worker(args, outdir: str) -> dict:
     cpus = _pin_cpus(args.threads)
     import torch
+
+    from qat_jax import hostenv
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -734,6 +737,7 @@ def torch_worker(args, outdir: str) -> dict:
     result = {
         "framework": "torch",
         "version": f"PyTorch {torch.__version__}",
+        "allocator": hostenv.allocator(),
         "threads": torch.get_num_threads(),
         "cpus": cpus,
         "steps": {m: _timing_row(chrono, m, batch, **first[m]) for m in args.modes},
@@ -795,7 +799,8 @@ def format_table(r: dict) -> str:
         f"{'x'.join(map(str, s['image_shape']))}, {s['num_classes']} classes ==",
         f"{r['threads']} threads each; median of {r['steps_per_round'] * r['rounds']} steps "
         f"after {r['warmup']} warm-up call(s); load average (1 min) {jx['load_before'][0]} "
-        f"before, {tr['load_after'][0]} after",
+        f"before, {tr['load_after'][0]} after; malloc: {jx.get('allocator', '?')} (JAX), "
+        f"{tr.get('allocator', '?')} (PyTorch)",
         "",
         "| mode | framework | median step | img/s | first step (compile) | JAX / PyTorch |",
         "|---|---|---|---|---|---|",
@@ -895,9 +900,14 @@ def main(argv=None) -> dict | None:
     except (ImportError, OSError):
         print("torch not installed: skipping")
         return None
+    from qat_jax import hostenv
+
+    # Both workers on the same malloc, the one qat_jax's entry points use (tcmalloc when
+    # installed; QAT_JAX_ALLOCATOR=system keeps glibc's): it moves both frameworks' steps alike.
+    env = hostenv.allocator_env(os.environ, loaded=hostenv.allocator()) or dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="bench_vs_torch_") as d:
         for worker in ("jax", "torch"):
-            rc = subprocess.run(_worker_argv(args, worker, d)).returncode
+            rc = subprocess.run(_worker_argv(args, worker, d), env=env).returncode
             if rc:
                 print(f"bench_vs_torch: the {worker} worker failed (exit {rc})", file=sys.stderr)
                 sys.exit(rc)

@@ -217,4 +217,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from qat_jax import hostenv
+
+    hostenv.start_entry_point()  # once more with tcmalloc, if installed (hostenv.py)
     main()

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qat_jax.hostenv import tune_host
+from qat_jax.hostenv import start_entry_point, tune_host
 from qat_jax.train import compilation_cache, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
@@ -131,4 +131,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    start_entry_point()  # once more with tcmalloc, if installed (hostenv.py)
     app.run(main, flags_parser=_parse_flags)
