@@ -339,6 +339,29 @@ def test_packed_forward_reproduces_eval_logits_on_the_test_split(tiny_run, tmp_p
     assert np.mean(got.argmax(-1) == labels) == pytest.approx(summary["w1a1_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export_tiny_run")
+def test_verify_of_an_earlier_step_compares_that_steps_model(tiny_run, tmp_path):
+    # ``python -m qat_jax.export --step=N --verify``: the eval side is checkpoint N (the step in
+    # the file's header), not the run's latest, whose final phase changed the model.
+    workdir = tiny_run[0]
+    steps = checkpoint.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+    assert len(steps) >= 2, steps
+    path = str(tmp_path / "earlier.qat")
+    export.export_run(workdir, path, step=steps[-2])
+    packed = export.load_packed(path)
+    assert packed.header["extra"]["step"] == steps[-2]
+    r = export.verify_packed(workdir, path, batch_size=100)
+    assert r["examples"] == 200
+    assert r["max_rel_diff"] <= LOGIT_RTOL, r
+    assert r["prediction_mismatches"] == 0 and r["packed_accuracy"] == r["eval_accuracy"]
+    # The latest model's logits are not that step's, so the comparison above could fail.
+    got, want, _ = export.packed_and_eval_logits(
+        export.load_run_variables(workdir), packed, batch_size=100
+    )
+    assert np.abs(got - want).max() > 100 * LOGIT_RTOL * np.abs(want).max()
+
+
 # --- a corrupt latest checkpoint: the reader falls back, and says to which step ----------------
 
 

@@ -148,12 +148,18 @@ def packed_and_eval_logits(run, packed: PackedModel, batch_size: int = 250):
 def verify_packed(workdir: str, path: str, batch_size: int = 250) -> dict:
     """Packed forward of ``path`` vs the run's eval logits (``model.apply``) on its eval split.
 
+    The eval side is the checkpoint the file was exported from (the ``step`` in its header, e.g.
+    ``python -m qat_jax.export --step=N``), so an export of an earlier step is compared with that
+    step's model, not with the run's latest.
+
     Returns:
       ``examples``, ``max_abs_diff`` and ``max_rel_diff`` of the logits (relative to the largest
       eval logit), ``prediction_mismatches``, ``packed_accuracy`` and ``eval_accuracy``.
     """
+    packed = load_packed(path)
+    step = packed.header.get("extra", {}).get("step")
     got, want, labels = packed_and_eval_logits(
-        load_run_variables(workdir), load_packed(path), batch_size
+        load_run_variables(workdir, step), packed, batch_size
     )
     n = len(labels)
     max_abs = float(np.abs(got - want).max()) if n else 0.0
