@@ -19,7 +19,8 @@ glibc's malloc stays slow for XLA:CPU even tuned: once a process has compiled a 
 many small allocations fragment the one arena), each step spends its time searching the free
 lists (``_int_malloc``, 17 % of the step's cycles in ``perf``) and zeroing re-faulted pages
 (``clear_page``, 15-36 %). tcmalloc does neither: measured on a 2-core CPU the default model's FP
-step ran 1.6x faster and compiled 1.7x faster (PyTorch's eager step gains the same). A process
+step ran 1.5x faster and compiled 1.5x faster, and the whole default job 2.1x faster with the same
+accuracies (docs/performance.md, "The memory allocator"; PyTorch's eager step gains 1.1-1.3x). A process
 picks its allocator at start-up, so :func:`use_fast_allocator` re-executes the entry point once
 with tcmalloc in ``LD_PRELOAD`` when the library is installed (Debian: ``libtcmalloc-minimal4``)
 and ``QAT_JAX_ALLOCATOR`` is not ``system``. Results are unchanged: the allocator places buffers,
