@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qat_jax.hostenv import tune_host  # noqa: E402
+from qat_jax.hostenv import allocator, tune_host  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,6 +235,7 @@ def main(argv=None) -> dict:
     with contextlib.redirect_stdout(sys.stderr):
         result = run(args.config, args.overrides, args.workdir)
     result["compilation_cache_dir"] = cache
+    result["allocator"] = allocator()  # tcmalloc or system (qat_jax/hostenv.py)
     print(format_table(result))
     if args.json:
         from bench_step import write_json  # the benchmarks' folder is on sys.path when run

@@ -601,7 +601,7 @@ def main(argv=None) -> dict:
         args.eval_examples = 16
     # Imported here, so that importing this module imports no JAX (bench_vs_torch.py's PyTorch
     # process uses its helpers).
-    from qat_jax.hostenv import tune_host
+    from qat_jax.hostenv import allocator, tune_host
 
     tune_host()  # before the XLA:CPU backend starts (qat_jax/hostenv.py)
     from qat_jax.train import compilation_cache
@@ -609,6 +609,7 @@ def main(argv=None) -> dict:
     cache = compilation_cache.enable(args.compilation_cache_dir)  # "none": a cold measurement
     result = run(args)
     result["compilation_cache_dir"] = cache
+    result["allocator"] = allocator()  # tcmalloc or system (qat_jax/hostenv.py)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)
