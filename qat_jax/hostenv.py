@@ -177,9 +177,9 @@ def tune_host() -> dict:
     backend: on GPU/TPU the step's linear algebra runs on the device, and the host's own (PCA of a
     calibrated layer in numpy) is small.
     """
-    fast = allocator() != "system"
+    name = allocator()
     return {
-        "allocator": allocator(),
-        "malloc": fast or tune_malloc(),
+        "allocator": name,
+        "malloc": name != "system" or tune_malloc(),
         "blas_libraries": limit_blas_threads(1),
     }
