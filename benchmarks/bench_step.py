@@ -465,7 +465,7 @@ def format_table(result: dict) -> str:
     r = result["ratios"]
     lines.append(
         f"bitat/xnor (medians): max {num(r['bitat_over_xnor_max'], 0)}, mean "
-        f"{num(r['bitat_over_xnor_mean'], 0)} (target <= 1.15); by minima: max "
+        f"{num(r['bitat_over_xnor_mean'], 0)} (target <= 1.10); by minima: max "
         f"{num(r['bitat_over_xnor_max_of_min'], 0)}; xnor/fp {num(r['xnor_over_fp'], 0)}; "
         f"compiles on stage switches: {r['compiles_on_stage_switch']}"
     )

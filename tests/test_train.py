@@ -217,8 +217,27 @@ def test_nonfinite_step_leaves_state_unchanged():
     batch["image"][0, 0, 0, 0] = np.nan
     s, metrics = fn(_rep(state, 1), _split(batch, 1), _rep(jax.random.PRNGKey(0), 1), None)
     assert float(np.asarray(metrics["nonfinite"])[0]) == 1.0
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s.params), strict=True):
+    # Everything the step would update: parameters, Adam's moments and count, BN statistics.
+    kept = (state.params, state.opt_state, state.state["batch_stats"])
+    now = (s.params, s.opt_state, s.state["batch_stats"])
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(now), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[0])
+    assert int(np.asarray(s.step)[0]) == int(state.step) + 1  # the step is still counted
+
+
+def test_train_step_rejects_a_mask_that_is_not_one_scalar_per_leaf():
+    model = _model(quant=NO_TRANSFORM)
+    tx = optax.adam(1e-2)
+    state, _ = _state(model, tx)
+    per_entry = jax.tree.map(lambda p: np.ones(np.shape(p), np.float32), state.params)
+    fn = _pmapped(steps.make_train_step(model, tx, steps.LossConfig()), 1)
+    with pytest.raises(ValueError, match="one 0/1 scalar per trainable leaf"):
+        fn(
+            _rep(state.replace(mask=per_entry), 1),
+            _split(_batch(8), 1),
+            _rep(jax.random.PRNGKey(0), 1),
+            None,
+        )
 
 
 def test_quant_config_is_static_and_hashable():

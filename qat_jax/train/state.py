@@ -40,7 +40,8 @@ class TrainState:
         name; ``state.variables`` gives the model's variables without the nesting.
       state: non-trainable collections ``{'batch_stats', 'qstate', 'calib', 'binary'}``.
       opt_state: the optax state of ``params``.
-      mask: float32 0/1 tree shaped like ``params``; 0 freezes a leaf bit-exactly.
+      mask: the structure of ``params`` with one float32 0/1 scalar per leaf; 0 freezes the
+        leaf bit-exactly.
     """
 
     step: jax.Array
