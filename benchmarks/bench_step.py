@@ -207,10 +207,13 @@ class Bench:
                     ms.config, qmodels.quantizable_layers(variables)
                 )
                 self.controllers[method] = experiment.create_controller(ms.config, qlayer_list)
-            # The FP phase: cross-entropy only, as the trainer's.
+            # As the trainer's: the FP phase is cross-entropy only; the QAT steps run the KD
+            # teacher with the static FP model.
             lc = experiment.loss_config(ms.config, fp_phase=not settings.quantize)
+            teacher_model = qmodels.static_fp(model) if settings.quantize else None
             self.steps_fn[method] = parallel.pmap(
-                steps.make_train_step(model, tx, lc), donate_argnums=(0,)
+                steps.make_train_step(model, tx, lc, teacher_model=teacher_model),
+                donate_argnums=(0,),
             )
         # The KD teacher: the QAT model's own FP variables (every mode 0), as in the trainer.
         self.teachers = {

@@ -74,6 +74,8 @@ class ConvActivation(nn.Module):
 
 def conv_a_mode(conv: nn.Module) -> jax.Array:
     """The ``a_mode`` of a bound binary conv that has been called (``FP_INPUT`` before its
-    variables exist)."""
+    variables exist, and always with ``quant.static_fp``)."""
+    if conv.quant.static_fp:  # a constant: XLA keeps only the FP activation
+        return jnp.asarray(FP_INPUT, jnp.int32)
     qstate = conv.variables.get("qstate", {})
     return qstate.get("a_mode", jnp.asarray(FP_INPUT, jnp.int32))

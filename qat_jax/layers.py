@@ -113,6 +113,10 @@ class QuantConfig:
       act_grad: backward of the activation sign, ``'approx'`` (ApproxSign) or ``'ste'``.
       binarize_input: whether the layer binarizes its input when ``a_mode == BINARY_INPUT``.
       normalize_c: normalise ``C`` to mean eigenvalue 1.
+      static_fp: every layer takes its FP paths whatever its ``w_mode`` and ``a_mode`` say, and
+        no ``lax.switch``/``lax.cond`` between the paths is traced; the variables are the same.
+        For programs that only ever run the FP model, such as the KD teacher's forward pass in
+        the train step (:func:`qat_jax.models.static_fp`): they compile faster.
     """
 
     transform: bool = True
@@ -120,6 +124,7 @@ class QuantConfig:
     act_grad: str = "approx"
     binarize_input: bool = True
     normalize_c: bool = True
+    static_fp: bool = False
 
 
 def kernel_to_matrix(kernel: jax.Array, groups: int) -> jax.Array:
@@ -222,6 +227,10 @@ class _BinaryBase(nn.Module):
                 (), jnp.float32
             )
 
+        if cfg.static_fp:
+            if want_info:
+                self.sow("losses", "info", jnp.zeros((), jnp.float32))
+            return kernel
         mode = jnp.clip(qstate["w_mode"].value, FP, FROZEN)
         k_eff, info = lax.switch(mode, (fp, binarizing, frozen))
         if want_info:
@@ -230,7 +239,7 @@ class _BinaryBase(nn.Module):
 
     def _input(self, x, qstate, quant):
         cfg = self.quant
-        if not cfg.binarize_input:
+        if cfg.static_fp or not cfg.binarize_input:
             return x
         tau = quant["tau"].value
         return lax.cond(

@@ -646,3 +646,48 @@ def test_shortcut_changes_the_function(small_mbv2, x_input):
         lambda v, z: (model.apply(v, z, train=False), on.apply(v, z, train=False)), v, x_input
     )(v, x_input)
     assert np.all(np.isfinite(b)) and np.abs(a - b).max() > 1e-3 * np.abs(a).max()
+
+
+# ---------------------------------------------------------------------------------------------
+# static_fp: the FP network without the per-layer switches (the KD teacher's forward pass).
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_rprelu_shortcut", "resnet20"])
+def test_static_fp_is_the_fp_model_and_ignores_modes(name, x_input):
+    """From FP variables (every mode 0) ``static_fp(model)`` computes ``model``'s logits, in both
+    BN modes, with RPReLU and the real-valued shortcuts on; with any other modes it still
+    computes the FP network, while ``model`` computes something else."""
+    if name == "resnet20":
+        model = ResNet20(quant=FAST_QUANT, rprelu=True)
+    else:
+        model = MobileNetV2(quant=FAST_QUANT, rprelu=True, binary_shortcut=True, **SMALL_KW)
+    variables = _randomize(models.init_variables(model, jax.random.PRNGKey(3), (1, *X_SHAPE[1:])))
+    static = models.static_fp(model)
+    binary = _set_modes(variables, BINARIZING, 1)
+
+    def outputs(m, v, z):
+        return m.apply(v, z, train=False), m.apply(v, z, train=True, mutable=["batch_stats"])[0]
+
+    want = _compile(lambda v, z: outputs(model, v, z), variables, x_input)(variables, x_input)
+    f = _compile(lambda v, z: outputs(static, v, z), variables, x_input)
+    for modes in (variables, binary):
+        for a, b in zip(f(modes, x_input), want, strict=True):
+            assert_logits_match(a, b, MODEL_REL, err_msg=name)
+    binary_out = _compile(lambda v, z: outputs(model, v, z), binary, x_input)(binary, x_input)
+    assert not np.allclose(np.asarray(binary_out[0]), np.asarray(want[0]), atol=1e-2)
+
+
+def test_static_fp_traces_no_switch(small_mbv2, x_input):
+    model, variables = small_mbv2
+
+    def primitives(m):
+        jaxpr = jax.make_jaxpr(lambda v, z: m.apply(v, z, train=False))(variables, x_input)
+        return str(jaxpr)
+
+    assert " cond[" in primitives(model)  # the check can fail: the switched model has them
+    assert " cond[" not in primitives(models.static_fp(model))
+
+
+def test_static_fp_needs_a_zoo_model():
+    with pytest.raises(ValueError, match="zoo model with a `quant` option"):
+        models.static_fp(nn.Dense(3))

@@ -11,7 +11,7 @@ import pytest
 from numerics import assert_close_to_scale
 
 from qat_jax.layers import BINARIZING, QuantConfig
-from qat_jax.models import MobileNetV2, init_variables, quantizable_layers
+from qat_jax.models import MobileNetV2, init_variables, quantizable_layers, static_fp
 from qat_jax.train import losses, steps
 from qat_jax.train.parallel import AXIS
 from qat_jax.train.stages import ScheduleConfig, StageController
@@ -205,6 +205,29 @@ def test_mask_freezes_leaves_bit_exactly_under_adam():
 
     np.testing.assert_array_equal(get(before, frozen_kernel), get(after, frozen_kernel))
     assert not np.array_equal(get(before, live_kernel), get(after, live_kernel))
+
+
+@pytest.mark.slow
+def test_static_fp_teacher_gives_the_same_step():
+    """The trainer runs the KD teacher with ``static_fp(model)``: the step's KD term, metrics and
+    new state are those of the switched model's teacher pass (same FP variables, every mode 0)."""
+    model = _model(rprelu=True, binary_shortcut=True)
+    tx = optax.adam(1e-2)
+    state, _ = _state(model, tx)
+    teacher_state, _ = _state(model, tx, binarize=False, seed=1)
+    teacher = _rep(teacher_state.variables, 1)
+    cfg = steps.LossConfig(kd_weight=0.7, kd_temperature=2.0)
+    out = {}
+    for name, teacher_model in (("switched", None), ("static", static_fp(model))):
+        fn = _pmapped(steps.make_train_step(model, tx, cfg, teacher_model=teacher_model), 1)
+        out[name] = fn(
+            _rep(state, 1), _split(_batch(8), 1), _rep(jax.random.PRNGKey(0), 1), teacher
+        )
+    (s_a, m_a), (s_b, m_b) = out["switched"], out["static"]
+    assert float(m_a["kd"][0]) > 1e-3  # the teacher does matter
+    assert float(m_b["kd"][0]) == pytest.approx(float(m_a["kd"][0]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params), strict=True):
+        assert_close_to_scale(b, a, 1e-5)
 
 
 @pytest.mark.slow

@@ -8,11 +8,13 @@ inputs and returning float32 logits ``[N, num_classes]``. Every conv except the 
   ``'resnet18'``) from its constructor keyword arguments;
 * :func:`init_variables` initialises it (``train=False``, init-only collections dropped);
 * :func:`quantizable_layers` lists its binary layers (:class:`QLayer`) bottom to top
-  (:func:`traced_quantizable_layers`: the same list from the model alone, computing nothing).
+  (:func:`traced_quantizable_layers`: the same list from the model alone, computing nothing);
+* :func:`static_fp` gives the same model with every layer's FP paths compiled in, and nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -40,6 +42,7 @@ __all__ = [
     "has_option",
     "init_variables",
     "quantizable_layers",
+    "static_fp",
     "traced_quantizable_layers",
 ]
 
@@ -67,3 +70,21 @@ def has_option(name: str, option: str) -> bool:
     """Whether the model registered as ``name`` has the constructor argument ``option``."""
     key = name.lower() if isinstance(name, str) else name
     return key in MODELS and option in getattr(MODELS[key], "__dataclass_fields__", {})
+
+
+def static_fp(model: nn.Module) -> nn.Module:
+    """``model`` as its FP network: every binary layer's ``quant.static_fp`` set.
+
+    It reads the same variables and, from variables whose modes are all FP (every ``w_mode`` and
+    ``a_mode`` 0, as the FP phase and the KD teacher have them), computes the same function as
+    ``model`` (``tests/test_models.py``); it ignores any other mode. Its programs contain no
+    switch between a layer's paths, so they compile faster: the train step runs the KD
+    teacher's forward pass with it.
+
+    Raises:
+      ValueError: ``model`` has no ``quant`` option (not a model of the zoo).
+    """
+    quant = getattr(model, "quant", None)
+    if quant is None or not dataclasses.is_dataclass(quant):
+        raise ValueError(f"static_fp needs a zoo model with a `quant` option, got {type(model)}")
+    return model.clone(quant=dataclasses.replace(quant, static_fp=True))

@@ -56,6 +56,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     cfg: LossConfig,
     lr_schedule: optax.Schedule | None = None,
+    teacher_model: nn.Module | None = None,
 ):
     """Build ``train_step(state, batch, rng, teacher) -> (state, metrics)`` (per device).
 
@@ -75,7 +76,9 @@ def make_train_step(
       ``tx``), ``lr`` is its value at the optimizer's count, the learning rate of this update.
 
     ``batch``: ``{'image': [b, H, W, C] float32, 'label': [b] int32}``. ``teacher``: FP variables
-    of the teacher model, or ``None`` (then ``kd_weight`` must be 0).
+    of the teacher model, or ``None`` (then ``kd_weight`` must be 0). ``teacher_model`` runs
+    them (default: ``model``); the trainer passes :func:`qat_jax.models.static_fp` of ``model``,
+    which computes the same logits from FP variables without compiling the binary paths.
     """
 
     # Binarizing layers compute the info-loss term only when ``losses`` is mutable: ask for it
@@ -87,7 +90,7 @@ def make_train_step(
         images, labels = batch["image"], batch["label"]
         teacher_logits = None
         if cfg.kd_weight and teacher is not None:
-            teacher_logits = model.apply(teacher, images, train=False)
+            teacher_logits = (teacher_model or model).apply(teacher, images, train=False)
 
         def loss_fn(params):
             logits, new_vars = model.apply(

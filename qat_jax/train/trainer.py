@@ -147,8 +147,14 @@ def create_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         p_train_fp=parallel.pmap(
             steps.make_train_step(model, tx_fp, fp_loss, lr_fp), donate_argnums=(0,)
         ),
+        # The KD teacher's forward pass runs the FP model without the per-layer switches
+        # (qmodels.static_fp): the same logits, and the step need not compile the binary paths
+        # a second time.
         p_train_qat=parallel.pmap(
-            steps.make_train_step(model, tx_qat, qat_loss, lr_qat), donate_argnums=(0,)
+            steps.make_train_step(
+                model, tx_qat, qat_loss, lr_qat, teacher_model=qmodels.static_fp(model)
+            ),
+            donate_argnums=(0,),
         ),
         ckpt=checkpoint.RunCheckpointer(
             os.path.join(workdir, "checkpoints"), config.keep_checkpoints
