@@ -43,6 +43,24 @@ tune_host()  # XLA:CPU steps page-fault far less (qat_jax/hostenv.py); before th
 N_DEVICES = 8
 
 
+def pytest_configure(config):
+    """The xdist workers this process starts run on tcmalloc when it is installed, as the entry
+    points do (qat_jax/hostenv.py: glibc's malloc makes XLA:CPU's compiles and steps ~2x slower
+    once a process has compiled). LD_PRELOAD acts when a process starts, so this process (which
+    only schedules the workers) keeps its allocator; ``QAT_JAX_ALLOCATOR=system`` keeps glibc's
+    everywhere. Runs before xdist starts the workers (at session start)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    from qat_jax import hostenv
+
+    try:
+        env = hostenv.allocator_env(os.environ, loaded=hostenv.allocator())
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+    if env is not None:
+        os.environ["LD_PRELOAD"] = env["LD_PRELOAD"]
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, the long chains of one xdist group (a run shared by several tests)
     before them: with ``--dist loadgroup`` the two workers then take the long work first and
