@@ -48,7 +48,7 @@ def _leaf_masks(mask) -> jax.Array:
             f"state.mask must hold one 0/1 scalar per trainable leaf (what the stage controller "
             f"builds); got leaves of shapes {shaped[:3]}"
         )
-    return jnp.stack([jnp.asarray(m, jnp.float32) for m in leaves])
+    return jnp.stack([jnp.asarray(m, jnp.float32) for m in leaves] or [jnp.zeros(())])
 
 
 def make_train_step(
@@ -126,7 +126,10 @@ def make_train_step(
         # 0/1 scalar per leaf). Every per-leaf reduction and select is a kernel of its own that
         # XLA compiles: three norms, a finiteness reduction and a select per leaf took a third
         # of the step's compile time on XLA:CPU (docs/performance.md).
-        sq = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
+        sq = jnp.stack(
+            [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)]
+            or [jnp.zeros(())]  # no trainable leaf: nothing to check
+        )
         m = _leaf_masks(state.mask)
         sq_trainable, sq_frozen = jnp.sum(sq * m), jnp.sum(sq * (1 - m))
         grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, state.mask)
