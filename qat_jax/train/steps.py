@@ -81,6 +81,7 @@ def make_train_step(
     which computes the same logits from FP variables without compiling the binary paths.
     """
 
+    teacher_model = model if teacher_model is None else teacher_model
     # Binarizing layers compute the info-loss term only when ``losses`` is mutable: ask for it
     # only when it is weighted (it is not free: two products with ``C`` per layer and step).
     mutable = ["batch_stats", "losses"] if cfg.info_weight else ["batch_stats"]
@@ -90,7 +91,7 @@ def make_train_step(
         images, labels = batch["image"], batch["label"]
         teacher_logits = None
         if cfg.kd_weight and teacher is not None:
-            teacher_logits = (teacher_model or model).apply(teacher, images, train=False)
+            teacher_logits = teacher_model.apply(teacher, images, train=False)
 
         def loss_fn(params):
             logits, new_vars = model.apply(
@@ -141,7 +142,7 @@ def make_train_step(
 
         # Finite iff every gradient entry is (a square overflowing float32, |g| > 1.8e19, counts
         # as non-finite too). A non-finite step keeps the old state: one cond, not a select per leaf.
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(sq_trainable + sq_frozen)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.isfinite(sq))
         new = (params, opt_state, batch_stats)
         old = (state.params, state.opt_state, state.state["batch_stats"])
         params, opt_state, batch_stats = lax.cond(ok, lambda: new, lambda: old)
