@@ -39,6 +39,11 @@ Usage::
     python benchmarks/bench_vs_torch.py --setup=default --json=runs/bench/vs_torch_default.json
     python benchmarks/bench_vs_torch.py --setup=issue --steps=10 --warmup=2
     python benchmarks/bench_vs_torch.py --setup=tiny --steps=2 --warmup=1   # smoke run
+    python benchmarks/bench_vs_torch.py --setup=default --conv_impl=cpu_ffi   # compiled depthwise
+
+``--profile`` also runs ``--steps`` more steps of each mode under ``torch.profiler`` and prints
+PyTorch's step by op kind (self CPU ms per step: depthwise conv, 1x1 conv, batch norm, ...,
+``torch_op_kind``), the kinds that ``profile_step.py --model=vs_torch`` gives for the JAX step.
 
 Without PyTorch it prints ``torch not installed: skipping`` and exits 0.
 """
@@ -571,6 +576,72 @@ def torch_train_step(model, teacher, optimizer, meta_mode: dict):
     return step
 
 
+#: ``torch_op_kind``'s kinds, in the order tables list them (``profile_step.LAYER_KINDS``'s names).
+TORCH_OP_KINDS = (
+    "depthwise conv",
+    "1x1 conv",
+    "other conv",
+    "batch norm",
+    "activation",
+    "dense",
+    "copies",
+    "other",
+)
+
+
+def torch_op_kind(name: str, input_shapes) -> str:
+    """The kind of a ``torch.profiler`` op (``key_averages(group_by_input_shape=True)`` row).
+
+    Convolutions are told apart by their weight (``[O, I/groups, kh, kw]``: the second input of a
+    forward conv op, the third of ``aten::convolution_backward``) and input (``[N, I, H, W]``: the
+    first input, the second of the backward): ``kh*kw == 1`` is a 1x1 conv, ``I/groups == 1``
+    with ``O == I > 1`` a depthwise conv (the grayscale stem, ``I = 1``, is not). Batch norm, the ReLU6 (``hardtanh``/``clamp``), the
+    classifier's matmul and tensor copies are named kinds; the rest (Adam, the loss, autograd's
+    bookkeeping) is ``'other'``.
+    """
+    n = name.lower()
+    if "conv" in n:
+        i = 2 if "backward" in n else 1
+        w = list(input_shapes[i]) if len(input_shapes) > i else []
+        x = list(input_shapes[i - 1]) if len(input_shapes) > i else []
+        if len(w) != 4 or len(x) != 4:
+            return "other conv"
+        if w[2] * w[3] == 1:
+            return "1x1 conv"
+        return "depthwise conv" if w[1] == 1 and w[0] == x[1] > 1 else "other conv"
+    if "batch_norm" in n:
+        return "batch norm"
+    if "hardtanh" in n or "clamp" in n or "relu" in n:
+        return "activation"
+    if n in ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul"):
+        return "dense"
+    if n in ("aten::copy_", "aten::clone"):
+        return "copies"
+    return "other"
+
+
+def torch_profile(step, x, y, steps: int) -> dict:
+    """``step(x, y)`` ``steps`` times under ``torch.profiler``: self CPU ms per step by kind
+    (``torch_op_kind``) and by op name (the 12 largest)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step(x, y)
+    kinds, ops = collections.Counter(), collections.Counter()
+    for ev in prof.key_averages(group_by_input_shape=True):
+        ms = ev.self_cpu_time_total / 1e3 / steps
+        kinds[torch_op_kind(ev.key, ev.input_shapes)] += ms
+        ops[ev.key] += ms
+    return {
+        "kinds": {k: round(kinds[k], 3) for k in TORCH_OP_KINDS if k in kinds},
+        "top_ops": {k: round(v, 3) for k, v in ops.most_common(12)},
+        "total_ms": round(sum(kinds.values()), 3),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers
 
@@ -616,6 +687,8 @@ def jax_worker(args, outdir: str) -> dict:
     load_before = _load_info()
     log = bench_step.CompileLog()
     setup = make_setup(args.setup, args.batch_size)
+    if args.conv_impl:
+        setup.config.model.conv_impl = args.conv_impl
     modes = tuple(args.modes)
     with chrono.timing("build"):
         bench = bench_step.Bench(setup, methods=modes)
@@ -734,6 +807,10 @@ def torch_worker(args, outdir: str) -> dict:
             for _ in range(args.steps):
                 with chrono.timing(mode):
                     steps_fn[mode](x, y)
+    profiles = {}
+    if args.profile:
+        for mode in args.modes:
+            profiles[mode] = torch_profile(steps_fn[mode], x, y, args.steps)
     result = {
         "framework": "torch",
         "version": f"PyTorch {torch.__version__}",
@@ -743,6 +820,7 @@ def torch_worker(args, outdir: str) -> dict:
         "steps": {m: _timing_row(chrono, m, batch, **first[m]) for m in args.modes},
         "param_counts": counts,
         "parity": parity,
+        "profile": profiles,
         "load_before": load_before,
         "load_after": _load_info(),
     }
@@ -774,6 +852,7 @@ def combine(jax_meta: dict, torch_res: dict, args) -> dict:
         "modes": rows,
         "param_counts": torch_res["param_counts"],
         "parity": torch_res["parity"],
+        "torch_profile": torch_res.get("profile") or {},
         "parity_batch": args.parity_batch if args.parity != "none" else None,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
@@ -782,7 +861,9 @@ def combine(jax_meta: dict, torch_res: dict, args) -> dict:
         "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
         "jax": {k: v for k, v in jx.items() if k != "steps"},
         "torch": {
-            k: v for k, v in torch_res.items() if k not in ("steps", "param_counts", "parity")
+            k: v
+            for k, v in torch_res.items()
+            if k not in ("steps", "param_counts", "parity", "profile")
         },
     }
 
@@ -833,6 +914,17 @@ def format_table(r: dict) -> str:
             f"parity, max|PyTorch - JAX| / max|JAX| on {r['parity_batch']} images (train-mode BN): "
             f"{par}"
         )
+    for mode, prof in r.get("torch_profile", {}).items():
+        lines += [
+            "",
+            f"PyTorch's {mode} step by op kind (torch.profiler, self CPU time per step, "
+            f"{prof['total_ms']:.1f} ms in all):",
+            "",
+            "| op kind | ms/step | share |",
+            "|---|---|---|",
+        ]
+        for kind, ms in prof["kinds"].items():
+            lines.append(f"| {kind} | {ms:.1f} | {100 * ms / prof['total_ms']:.1f} % |")
     return "\n".join(lines)
 
 
@@ -851,6 +943,8 @@ def _worker_argv(args, worker: str, outdir: str) -> list[str]:
         f"--parity_batch={args.parity_batch}",
         f"--parity_tol={args.parity_tol}",
         f"--compilation_cache_dir={args.compilation_cache_dir}",
+        *(["--profile"] if args.profile else []),
+        *([f"--conv_impl={args.conv_impl}"] if args.conv_impl else []),
         f"--_worker={worker}",
         f"--_dir={outdir}",
     ]
@@ -879,6 +973,17 @@ def parse_args(argv=None):
         "--compilation_cache_dir",
         default="none",
         help="JAX's persistent compilation cache (default off: the first step compiles)",
+    )
+    p.add_argument(
+        "--conv_impl",
+        default=None,
+        choices=("auto", "xla", "cpu", "cpu_ffi"),
+        help="the JAX model's conv implementation (default: the config's, 'auto')",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print PyTorch's step by op kind (torch.profiler; profile_step.py: JAX's)",
     )
     p.add_argument("--_worker", default=None, choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--_dir", default=None, help=argparse.SUPPRESS)

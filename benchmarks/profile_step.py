@@ -12,6 +12,12 @@ temporary folder) to recover what it came from, and the time per step is summed
 * **per layer**: the model scope in the op's JAX name (``block1/depthwise``, ``head_bn``, ...;
   ``?`` when XLA kept no name, e.g. a broadcast of a constant).
 
+* **per layer kind**: the layers summed by what they are (``depthwise conv``, ``1x1 conv``,
+  ``batch norm``, ``activation``, ...: ``layer_kind``), the kinds ``bench_vs_torch.py --profile``
+  gives for PyTorch's step; ``--model=vs_torch`` profiles the plain model that
+  ``bench_vs_torch.py`` times (no real-valued shortcuts, every conv binarizable) instead of the
+  job's.
+
 Op durations add up to more than the step's wall time when ops run in parallel and less when
 the host waits; the shares are of the summed op time. The trace itself slows the step down: the
 wall time printed is the untraced median. Compare kinds within one run; absolute times depend on
@@ -22,6 +28,7 @@ Usage::
     python benchmarks/profile_step.py --setup=default --mode=fp
     python benchmarks/profile_step.py --setup=default --mode=bitat --stage=2 --top=30
     python benchmarks/profile_step.py --setup=tiny --mode=xnor --steps=1   # seconds
+    python benchmarks/profile_step.py --setup=default --mode=fp --model=vs_torch
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_OP_LINE = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ [\w\-]+\(.*?op_name=\"([^\"]*)\"")
+# ``%name = shape opcode(... op_name="...")``; a tuple shape (``(f32[..], f32[..])``) has spaces.
+_OP_LINE = re.compile(
+    r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) [\w\-]+\(.*?op_name=\"([^\"]*)\""
+)
 _SCOPE = re.compile(r"^(stem|stem_bn|block\d+|head_conv|head_bn|head_act|classifier)$")
 _HLO_NAME = re.compile(r"^[a-z][\w\-]*(\.\d+)?$")
 _RUNTIME = ("ThunkExecutor", "$", "PjitFunction", "CommonPjRt", "SlinkyThreadPool", "Thunk")
@@ -72,6 +82,41 @@ def op_layer(jax_name: str | None) -> str:
     return "other"
 
 
+#: ``layer_kind``'s kinds, in the order tables list them (``bench_vs_torch.TORCH_OP_KINDS``).
+LAYER_KINDS = (
+    "depthwise conv",
+    "1x1 conv",
+    "other conv",
+    "batch norm",
+    "activation",
+    "dense",
+    "copies",
+    "other",
+)
+
+
+def layer_kind(layer: str) -> str:
+    """What a layer of ``op_layer`` is: ``'block2/depthwise'`` -> ``'depthwise conv'``,
+    ``'block1/expand'`` or ``'head_conv'`` -> ``'1x1 conv'``, ``'stem'`` -> ``'other conv'``,
+    ``'*_bn'`` -> ``'batch norm'``, ``'*_act'`` -> ``'activation'``, ``'classifier'`` ->
+    ``'dense'``; ops outside the model's layers (the optimizer, the loss, ``'?'``) are
+    ``'other'``. ``'copies'`` is PyTorch's only: XLA's copies belong to the layer they serve."""
+    name = layer.split("/")[-1]
+    if name == "depthwise":
+        return "depthwise conv"
+    if name in ("expand", "project", "head_conv"):
+        return "1x1 conv"
+    if name == "stem":
+        return "other conv"
+    if name.endswith("_bn"):
+        return "batch norm"
+    if name.endswith("_act"):
+        return "activation"
+    if name == "classifier":
+        return "dense"
+    return "other"
+
+
 def aggregate(events, names: dict[str, str], steps: int) -> dict:
     """Sum trace ``events`` (complete events of the runtime's ops) per kind and per layer, ms/step."""
     kinds, layers = collections.Counter(), collections.Counter()
@@ -85,7 +130,10 @@ def aggregate(events, names: dict[str, str], steps: int) -> dict:
         phase = "bwd" if jax_name and "transpose(" in jax_name else "fwd"
         kinds[(phase, op_kind(e["name"]))] += ms
         layers[(phase, op_layer(jax_name))] += ms
-    return {"kinds": kinds, "layers": layers, "total_ms": sum(kinds.values())}
+    by_kind = collections.Counter()
+    for (phase, layer), ms in layers.items():
+        by_kind[(phase, layer_kind(layer))] += ms
+    return {"kinds": kinds, "layers": layers, "by_kind": by_kind, "total_ms": sum(kinds.values())}
 
 
 def read_trace(trace_dir: str) -> list[dict]:
@@ -117,6 +165,19 @@ def format_table(title: str, rows: collections.Counter, total: float, top: int) 
     return "\n".join(lines)
 
 
+def format_kinds(by_kind: collections.Counter, total: float) -> str:
+    """The per-layer-kind table: forward, backward and both passes, ms per step."""
+    lines = ["| layer kind | fwd ms | bwd ms | ms/step | share |", "|---|---|---|---|---|"]
+    for kind in LAYER_KINDS:
+        fwd, bwd = by_kind.get(("fwd", kind), 0.0), by_kind.get(("bwd", kind), 0.0)
+        if fwd or bwd:
+            lines.append(
+                f"| {kind} | {fwd:.1f} | {bwd:.1f} | {fwd + bwd:.1f} | "
+                f"{100 * (fwd + bwd) / total:.1f} % |"
+            )
+    return "\n".join(lines)
+
+
 def profile(args) -> dict:
     dump = tempfile.mkdtemp(prefix="qat_jax_profile_")
     hlo_dir = os.path.join(dump, "hlo")
@@ -133,9 +194,18 @@ def profile(args) -> dict:
     from qat_jax.train import parallel
 
     hostenv.tune_host()
-    setup = bench_step.load_setup(args.setup, args.batch_size)
+    if args.model == "vs_torch":
+        import bench_vs_torch
+
+        setup = bench_vs_torch.make_setup(args.setup, args.batch_size)
+    else:
+        setup = bench_step.load_setup(args.setup, args.batch_size)
+    if args.conv_impl:
+        setup.config.model.conv_impl = args.conv_impl
     methods = ("fp", "xnor", "bitat") if args.mode == "bitat" else ("fp", "xnor")
     bench = bench_step.Bench(setup, methods=methods)
+    if args.model == "vs_torch" and args.mode == "xnor":
+        bench_vs_torch.set_thresholds(bench, "xnor")  # as bench_vs_torch.py times it
     k = args.stage if args.mode == "bitat" else 0
     hstate = bench.states["fp"] if args.mode == "fp" else bench.stage_state(args.mode, k)
     state = parallel.replicate(hstate)
@@ -174,6 +244,8 @@ def profile(args) -> dict:
         "op_ms_per_step": agg["total_ms"],
         "kinds": {f"{p} {n}": v for (p, n), v in agg["kinds"].items()},
         "layers": {f"{p} {n}": v for (p, n), v in agg["layers"].items()},
+        "layer_kinds": {f"{p} {n}": v for (p, n), v in agg["by_kind"].items()},
+        "model": args.model,
         "_agg": agg,
         "dump_dir": dump if args.keep_dump else None,
     }
@@ -183,6 +255,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setup", default="default", choices=("default", "tiny", "mnv2_c100"))
     p.add_argument("--mode", default="fp", choices=("fp", "xnor", "bitat"))
+    p.add_argument(
+        "--conv_impl",
+        default=None,
+        choices=("auto", "xla", "cpu", "cpu_ffi"),
+        help="the model's conv implementation (default: the config's)",
+    )
+    p.add_argument(
+        "--model",
+        default="job",
+        choices=("job", "vs_torch"),
+        help="job: the setup's model as its config trains it; vs_torch: bench_vs_torch.py's",
+    )
     p.add_argument("--stage", type=int, default=0, help="bitat: the stage whose step is traced")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="steps traced (and timed untraced)")
@@ -193,6 +277,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
         p.error("--steps and --batch_size must be >= 1, --warmup >= 0")
+    if args.model == "vs_torch" and args.setup not in ("default", "tiny"):
+        p.error("--model=vs_torch: --setup must be default or tiny (bench_vs_torch.py's setups)")
+    if args.model == "vs_torch" and args.mode == "bitat":
+        p.error("--model=vs_torch: --mode must be fp or xnor (bench_vs_torch.py's modes)")
     return args
 
 
@@ -208,6 +296,8 @@ def main(argv=None) -> dict:
     print(format_table("op kind", agg["kinds"], agg["total_ms"], args.top))
     print()
     print(format_table("layer", agg["layers"], agg["total_ms"], args.top))
+    print()
+    print(format_kinds(agg["by_kind"], agg["total_ms"]))
     if args.json:
         sys.path.insert(0, HERE)
         import bench_step

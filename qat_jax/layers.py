@@ -292,7 +292,7 @@ class BinaryConv(_BinaryBase):
       use_bias: add an FP bias (kept FP in every mode).
       block_id: id of the block this layer belongs to (consumed by the stage controller).
       quant: static :class:`QuantConfig`.
-      conv_impl: ``'auto'``, ``'xla'`` or ``'cpu'`` (see :func:`qat_jax.ops.conv2d`).
+      conv_impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'cpu_ffi'`` (see :func:`qat_jax.ops.conv2d`).
       dtype: compute dtype (e.g. ``jnp.bfloat16`` on TPU/GPU); parameters stay ``param_dtype``.
     """
 

@@ -11,8 +11,10 @@ Layout conventions (used everywhere in qat_jax):
 
 ``conv2d`` picks an implementation per backend behind one function. XLA:CPU is slow on depthwise
 (``feature_group_count``) and 1x1 convolutions, so on CPU depthwise convs run as ``kh*kw`` shifted
-multiply-adds and 1x1 convs as an einsum; on GPU/TPU ``lax.conv_general_dilated`` is used. All
-implementations compute the same function (tested in ``tests/test_ops.py``).
+multiply-adds and 1x1 convs as an einsum (``'cpu'``); on GPU/TPU ``lax.conv_general_dilated`` is
+used (``'xla'``). ``'cpu_ffi'`` is ``'cpu'`` with the float32 depthwise convs computed by compiled
+kernels (:mod:`qat_jax.kernels.depthwise`), built on first use. All implementations compute the
+same function (tested in ``tests/test_ops.py`` and ``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qat_jax.kernels import depthwise
+
 __all__ = ["conv2d", "extract_patches", "same_padding", "resolve_impl"]
 
-_IMPLS = ("auto", "xla", "cpu")
+_IMPLS = ("auto", "xla", "cpu", "cpu_ffi")
 
 
 def same_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -40,6 +44,11 @@ def resolve_impl(impl: str) -> str:
         raise ValueError(f"conv impl must be one of {_IMPLS}, got {impl!r}")
     if impl == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
+    if impl == "cpu_ffi" and jax.default_backend() != "cpu":
+        raise ValueError(
+            f"conv impl 'cpu_ffi' runs on the CPU backend only, not {jax.default_backend()!r}: "
+            "use 'auto'"
+        )
     return impl
 
 
@@ -104,9 +113,15 @@ def _conv_xla(x, kernel, strides, padding, groups, precision):
     )
 
 
-def _conv_cpu(x, kernel, strides, padding, groups, precision):
+def _conv_cpu(x, kernel, strides, padding, groups, precision, ffi=False):
     kh, kw, cin_g, cout = kernel.shape
     cin = x.shape[-1]
+    if (
+        ffi
+        and kernel.dtype == x.dtype
+        and depthwise.supports(x.shape, kernel.shape, x.dtype, padding, groups)
+    ):
+        return depthwise.depthwise_conv2d(x, kernel, strides, padding)
     if groups == cin and cin_g == 1 and cout == cin:
         # Depthwise with channel multiplier 1: kh*kw shifted multiply-adds.
         out = None
@@ -166,12 +181,17 @@ def conv2d(
       strides: ``(sh, sw)``.
       padding: per-dim ``(lo, hi)``; default symmetric ``k // 2``.
       feature_group_count: groups; ``C_in`` for a depthwise conv.
-      impl: ``'auto'`` (per backend), ``'xla'`` (``lax.conv_general_dilated``) or ``'cpu'``.
+      impl: ``'auto'`` (per backend), ``'xla'`` (``lax.conv_general_dilated``), ``'cpu'`` or
+        ``'cpu_ffi'`` (``'cpu'`` with the compiled depthwise kernel for float32 depthwise convs;
+        raises :class:`qat_jax.kernels.build.KernelUnavailable` where it cannot be built).
       precision: passed to XLA.
     """
     kh, kw = kernel.shape[:2]
     padding = same_padding((kh, kw)) if padding is None else tuple(map(tuple, padding))
     strides = tuple(strides)
-    if resolve_impl(impl) == "cpu":
-        return _conv_cpu(x, kernel, strides, padding, feature_group_count, precision)
+    resolved = resolve_impl(impl)
+    if resolved in ("cpu", "cpu_ffi"):
+        return _conv_cpu(
+            x, kernel, strides, padding, feature_group_count, precision, ffi=resolved == "cpu_ffi"
+        )
     return _conv_xla(x, kernel, strides, padding, feature_group_count, precision)

@@ -122,3 +122,44 @@ def test_torch_twin_matches_jax_logits_and_gradients(bvt):
         assert np.isfinite(loss), mode
         assert not torch.equal(before, model.head_conv.weight), mode
     assert meta["modes"]["xnor"]["kd_weight"] > 0 and meta["modes"]["fp"]["kd_weight"] == 0
+
+
+def test_torch_op_kinds_tell_convs_apart_by_their_weight(bvt):
+    kind = bvt.torch_op_kind
+    x, dw, pw = [128, 48, 32, 32], [48, 1, 3, 3], [96, 48, 1, 1]
+    assert kind("aten::mkldnn_convolution", [x, dw, [48], [], [], [], []]) == "depthwise conv"
+    assert kind("aten::convolution_backward", [x, x, dw, [], [], []]) == "depthwise conv"
+    assert kind("aten::mkldnn_convolution", [x, pw, [], [], [], [], []]) == "1x1 conv"
+    assert kind("aten::convolution_backward", [x, x, pw, [], [], []]) == "1x1 conv"
+    # the stem, a 3x3 conv of the one-channel image, has I/groups == 1 too but is not depthwise
+    gray, stem = [128, 1, 32, 32], [16, 1, 3, 3]
+    assert kind("aten::mkldnn_convolution", [gray, stem, [], [], [], [], []]) == "other conv"
+    assert kind("aten::convolution_backward", [[128, 16, 32, 32], gray, stem]) == "other conv"
+    assert kind("aten::mkldnn_convolution", [x, []]) == "other conv"
+    assert kind("aten::native_batch_norm_backward", [x]) == "batch norm"
+    assert kind("aten::hardtanh_backward", [x]) == kind("aten::clamp", [x]) == "activation"
+    assert kind("aten::addmm", [[10], [128, 256], [256, 10]]) == "dense"
+    assert kind("aten::copy_", [x, x]) == "copies"
+    assert kind("Optimizer.step#Adam.step", []) == "other"
+
+
+@pytest.mark.slow
+def test_torch_profile_sums_the_steps_ops_by_kind(bvt):
+    """One profiled PyTorch step of the tiny twin: every kind of its layers appears, and the
+    kinds add up to the profile's total."""
+    torch = pytest.importorskip("torch")
+    setup = bvt.make_setup("tiny", 8)
+    bench = bvt.bench_step.Bench(setup, methods=("fp",))
+    images = bench.host_images.reshape(-1, *setup.image_shape)
+    labels = np.arange(images.shape[0]) % setup.num_classes
+    meta, arrays = bvt.export_reference(bench, ("fp",), images, labels, "logits")
+    mm = meta["modes"]["fp"]
+    model = bvt.build_torch_model(mm, arrays, "fp").train()
+    opt = torch.optim.Adam(model.parameters(), lr=mm["learning_rate"])
+    step = bvt.torch_train_step(model, None, opt, mm)
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(labels.astype(np.int64))
+    prof = bvt.torch_profile(step, x, y, steps=2)
+    assert sum(prof["kinds"].values()) == pytest.approx(prof["total_ms"], rel=1e-3)
+    for k in ("depthwise conv", "1x1 conv", "batch norm", "activation", "dense"):
+        assert prof["kinds"].get(k, 0) > 0, (k, prof["kinds"])

@@ -97,10 +97,14 @@ def test_profile_step_attributes_ops_to_kinds_and_layers():
             "  %dot.3 = f32[16,96]{1,0} dot(%a, %b), metadata={op_name="
             '"jit(_fun)/transpose(jvp(MobileNetV2))/block2/expand/dot_general"}',
             "  %wrapped_broadcast.5 = f32[8,4]{1,0} fusion(%c), kind=kLoop",
+            "  %ffi_call.2 = (f32[2,8,8,4]{3,2,1,0}, f32[3,3,4]{2,1,0}) custom-call(%x, %g, %k), "
+            'custom_call_target="t", metadata={op_name='
+            '"jit(_fun)/transpose(jvp(MobileNetV2))/block1/depthwise/ffi_call"}',
         ]
     )
     names = prof.hlo_op_names(hlo)
     assert names["pad_slice_fusion.17"].endswith("block2/depthwise/slice")
+    assert names["ffi_call.2"].endswith("block1/depthwise/ffi_call")  # a tuple-shaped op
     events = [
         {"ph": "X", "name": "pad_slice_fusion.17", "dur": 4000},
         {"ph": "X", "name": "pad_slice_fusion.17", "dur": 2000},
@@ -121,7 +125,41 @@ def test_profile_step_attributes_ops_to_kinds_and_layers():
         ("bwd", "block2/expand"): 0.5,
         ("fwd", "?"): 0.25,
     }
+    assert agg["by_kind"] == {
+        ("fwd", "depthwise conv"): 3.0,
+        ("bwd", "1x1 conv"): 0.5,
+        ("fwd", "other"): 0.25,
+    }
     assert agg["total_ms"] == pytest.approx(3.75)
+
+
+def test_profile_step_kinds_cover_every_layer_of_the_zoo_model():
+    """Every parameterised layer of the default MobileNetV2 has a kind (none falls to 'other'),
+    and the kinds are PyTorch's (``bench_vs_torch.TORCH_OP_KINDS``), so the tables compare."""
+    import jax
+    import jax.numpy as jnp
+
+    from qat_jax import experiment
+
+    prof, bench_step = _load("profile_step"), _load("bench_step")
+    assert prof.LAYER_KINDS == _load("bench_vs_torch").TORCH_OP_KINDS
+    setup = bench_step.load_setup("default", 8)
+    ms = bench_step.method_setup(setup.config, "fp")
+    model = experiment.create_model(ms.config, setup.num_classes, ms.quant)
+    x = jnp.zeros((1, *setup.image_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, x, train=False))
+    kinds = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+        keys = [p.key for p in path]
+        scope = "/".join(keys[:2]) if keys[0].startswith("block") else keys[0]
+        # the scope as op_layer reads it from an op's JAX name
+        layer = prof.op_layer(f"jit(step)/jvp(MobileNetV2)/{scope}/mul")
+        kinds[layer] = prof.layer_kind(layer)
+    assert "other" not in kinds.values(), kinds
+    assert kinds["block1/depthwise"] == "depthwise conv"
+    assert kinds["block1/expand"] == kinds["head_conv"] == "1x1 conv"
+    assert kinds["block1/expand_bn"] == "batch norm" and kinds["classifier"] == "dense"
+    assert kinds["stem"] == "other conv"
 
 
 @pytest.mark.slow
@@ -146,6 +184,7 @@ def test_profile_step_runs_on_the_tiny_setup(tmp_path):
     # every traced op lands in one kind row and one layer row
     assert sum(r["kinds"].values()) == pytest.approx(r["op_ms_per_step"])
     assert sum(r["layers"].values()) == pytest.approx(r["op_ms_per_step"])
+    assert sum(r["layer_kinds"].values()) == pytest.approx(r["op_ms_per_step"])
     # the FP step has a backward pass, and ops of the model's layers are named
     assert any(k.startswith("bwd ") for k in r["kinds"])
     assert any(k.split(" ", 1)[1].startswith("block") for k in r["layers"])

@@ -65,7 +65,7 @@ def test_conv2d_impls_match_im2col_reference(rng, case, stride):
     kernel = rng.standard_normal((*k, cin // groups, cout)).astype(np.float32)
     ref = np_conv(x, kernel, (stride, stride), groups)
     outs = {}
-    for impl in ("cpu", "xla", "auto"):
+    for impl in ("cpu", "xla", "auto", "cpu_ffi"):
         y = conv2d(
             jnp.asarray(x),
             jnp.asarray(kernel),
@@ -83,7 +83,8 @@ def test_conv2d_impls_match_im2col_reference(rng, case, stride):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_conv2d_impls_have_the_same_gradients(rng, case, stride):
-    """The CPU path's own VJPs (1x1 convs) and autodiff of its taps equal lax.conv's gradients."""
+    """The CPU path's own VJPs (1x1 convs), autodiff of its taps and the compiled depthwise
+    kernel's VJP (``cpu_ffi``) equal lax.conv's gradients."""
     _, k, cin, cout, groups, h, w = case
     x = jnp.asarray(rng.standard_normal((2, h, w, cin)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((*k, cin // groups, cout)), jnp.float32)
@@ -106,16 +107,18 @@ def test_conv2d_impls_have_the_same_gradients(rng, case, stride):
 
         return jax.jit(jax.grad(f, argnums=(0, 1)))(x, kernel)
 
-    for got, want, name in zip(loss("cpu"), loss("xla"), ("d input", "d kernel"), strict=True):
-        assert got.shape == want.shape
-        assert_close_to_scale(got, want, CONV_REL, err_msg=name)
+    want = loss("xla")
+    for impl in ("cpu", "cpu_ffi"):
+        for got, ref, name in zip(loss(impl), want, ("d input", "d kernel"), strict=True):
+            assert got.shape == ref.shape
+            assert_close_to_scale(got, ref, CONV_REL, err_msg=f"{impl} {name}")
 
 
 def test_conv2d_explicit_padding_and_asymmetric_strides(rng):
     x = rng.standard_normal((1, 7, 9, 3)).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
     # zero padding: a valid conv equals the symmetric conv's interior
-    for impl in ("cpu", "xla"):
+    for impl in ("cpu", "xla", "cpu_ffi"):
         valid = conv2d(jnp.asarray(x), jnp.asarray(kernel), padding=((0, 0), (0, 0)), impl=impl)
         full = np_conv(x, kernel, (1, 1), 1)
         assert_close_to_scale(valid, full[:, 1:-1, 1:-1], CONV_REL, err_msg=impl)

@@ -115,7 +115,7 @@ class Conv(nn.Module):
       kernel_size, strides: spatial ``(h, w)``.
       feature_group_count: groups.
       use_bias: add a bias (param ``bias``).
-      conv_impl: ``'auto'``, ``'xla'`` or ``'cpu'`` (see :func:`qat_jax.ops.conv2d`).
+      conv_impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'cpu_ffi'`` (see :func:`qat_jax.ops.conv2d`).
       dtype: compute dtype; parameters are ``param_dtype``.
     """
 

@@ -144,7 +144,7 @@ class MobileNetV2(nn.Module):
         strides (1, 1, 2, 2, 1, 2, 1); 32x32 inputs).
       dropout_rate: dropout before the classifier (rng stream ``'dropout'`` in train mode).
       quant: static options of every binary layer.
-      conv_impl: ``'auto'``, ``'xla'`` or ``'cpu'`` for every conv.
+      conv_impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'cpu_ffi'`` for every conv.
       dtype: compute dtype (parameters and BN statistics stay float32; logits are float32).
       bn_axis_name: axis name for synchronised BN under ``pmap`` (``None``: local statistics).
       inverted_residual_setting: ``(t, c, n, s)`` rows replacing the default stages (reduced-depth

@@ -96,7 +96,7 @@ class ResNet(nn.Module):
         stride 2, 64 channels, then 3x3 / 2 max pool).
       num_classes: classifier outputs.
       quant: static options of every binary layer.
-      conv_impl: ``'auto'``, ``'xla'`` or ``'cpu'`` for every conv.
+      conv_impl: ``'auto'``, ``'xla'``, ``'cpu'`` or ``'cpu_ffi'`` for every conv.
       dtype: compute dtype (parameters and BN statistics stay float32; logits are float32).
       bn_axis_name: axis name for synchronised BN under ``pmap`` (``None``: local statistics).
       act: activation after the stem and in every block.

@@ -1,0 +1,189 @@
+// Depthwise 2-D convolution (channel multiplier 1), NHWC, float32, on XLA:CPU through the XLA FFI.
+//
+// Two handlers: the forward conv, and its input and kernel gradients in one pass
+// (qat_jax/kernels/depthwise.py wires them into one jax.custom_vjp). XLA:CPU has no fast depthwise
+// conv: lax.conv with feature_group_count runs a generic grouped conv, and the shifted-tap sum
+// that qat_jax.ops uses instead materialises one shifted view per tap for the kernel gradient.
+// Here each pass reads its inputs once, tap by tap over the channels (the innermost, contiguous
+// axis, which the compiler vectorises).
+//
+// Work is split over the batch (or output rows) into one contiguous part per CPU of the process.
+// The kernel gradient sums each output row in float, the rows of a part in double, and the parts
+// in a fixed order, so a result depends only on the inputs and the number of CPUs.
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, ho, wo, sh, sw, ph, pw;
+};
+
+int HostThreads() {
+  static const int threads = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }();
+  return threads;
+}
+
+// f(begin, end, part) over [0, n) split into contiguous parts, one thread each.
+template <typename F>
+void ParallelFor(int64_t n, int parts, F f) {
+  if (parts <= 1) {
+    f(0, n, 0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(parts - 1);
+  for (int p = 1; p < parts; ++p) {
+    pool.emplace_back([&, p] { f(n * p / parts, n * (p + 1) / parts, p); });
+  }
+  f(0, n / parts, 0);
+  for (auto& t : pool) t.join();
+}
+
+int Parts(int64_t n) { return static_cast<int>(std::min<int64_t>(HostThreads(), n)); }
+
+void Forward(const float* x, const float* k, float* y, const Geometry& g) {
+  const int64_t c = g.c;
+  ParallelFor(g.n * g.ho, Parts(g.n * g.ho), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.ho, oh = r % g.ho;
+      for (int64_t ow = 0; ow < g.wo; ++ow) {
+        float* __restrict__ out = y + (r * g.wo + ow) * c;
+        std::memset(out, 0, sizeof(float) * c);
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = oh * g.sh + i - g.ph;
+          if (ih < 0 || ih >= g.h) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t iw = ow * g.sw + j - g.pw;
+            if (iw < 0 || iw >= g.w) continue;
+            const float* __restrict__ xi = x + ((n * g.h + ih) * g.w + iw) * c;
+            const float* __restrict__ kk = k + (i * g.kw + j) * c;
+            for (int64_t ch = 0; ch < c; ++ch) out[ch] += xi[ch] * kk[ch];
+          }
+        }
+      }
+    }
+  });
+}
+
+// The input gradient (scattered from each output position to the taps it read) and the kernel
+// gradient (each tap's input times the output gradient) in one pass over dy and x. Each part owns
+// a contiguous range of images, so its dx rows are its own; its kernel-gradient sums are combined
+// after the join.
+void Backward(const float* x, const float* dy, const float* k, float* dx, float* dk,
+              const Geometry& g) {
+  const int64_t c = g.c, taps = g.kh * g.kw;
+  const int parts = Parts(g.n);
+  std::vector<std::vector<double>> partial(parts, std::vector<double>(taps * c, 0.0));
+  ParallelFor(g.n, parts, [&](int64_t n0, int64_t n1, int part) {
+    std::memset(dx + n0 * g.h * g.w * c, 0, sizeof(float) * (n1 - n0) * g.h * g.w * c);
+    std::vector<float> row(taps * c);
+    double* __restrict__ acc = partial[part].data();
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t oh = 0; oh < g.ho; ++oh) {
+        std::fill(row.begin(), row.end(), 0.0f);
+        for (int64_t ow = 0; ow < g.wo; ++ow) {
+          const float* __restrict__ gi = dy + ((n * g.ho + oh) * g.wo + ow) * c;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = oh * g.sh + i - g.ph;
+            if (ih < 0 || ih >= g.h) continue;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t iw = ow * g.sw + j - g.pw;
+              if (iw < 0 || iw >= g.w) continue;
+              const int64_t at = ((n * g.h + ih) * g.w + iw) * c;
+              const float* __restrict__ xi = x + at;
+              float* __restrict__ o = dx + at;
+              const float* __restrict__ kk = k + (i * g.kw + j) * c;
+              float* __restrict__ rr = row.data() + (i * g.kw + j) * c;
+              for (int64_t ch = 0; ch < c; ++ch) {
+                o[ch] += gi[ch] * kk[ch];
+                rr[ch] += xi[ch] * gi[ch];
+              }
+            }
+          }
+        }
+        for (int64_t t = 0; t < taps * c; ++t) acc[t] += row[t];
+      }
+    }
+  });
+  for (int64_t t = 0; t < taps * c; ++t) {
+    double s = 0.0;
+    for (int p = 0; p < parts; ++p) s += partial[p][t];
+    dk[t] = static_cast<float>(s);
+  }
+}
+
+ffi::Error Check(const Geometry& g) {
+  if (g.sh < 1 || g.sw < 1 || g.ph < 0 || g.pw < 0) {
+    return ffi::Error::InvalidArgument("depthwise: strides must be >= 1 and padding >= 0");
+  }
+  if ((g.h + 2 * g.ph - g.kh) / g.sh + 1 != g.ho || (g.w + 2 * g.pw - g.kw) / g.sw + 1 != g.wo) {
+    return ffi::Error::InvalidArgument("depthwise: output shape does not match the geometry");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t ph,
+                       int64_t pw) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || kd[2] != xd[3] || yd[3] != xd[3] ||
+      yd[0] != xd[0]) {
+    return ffi::Error::InvalidArgument("depthwise forward: x [N,H,W,C], k [kh,kw,C]");
+  }
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], yd[1], yd[2], sh, sw, ph, pw};
+  if (auto e = Check(g); e.failure()) return e;
+  Forward(x.typed_data(), k.typed_data(), y->typed_data(), g);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                        ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx,
+                        ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t ph,
+                        int64_t pw) {
+  auto xd = x.dimensions(), gd = dy.dimensions(), kd = k.dimensions();
+  auto dxd = dx->dimensions(), dkd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 3 || kd[2] != xd[3] || gd[3] != xd[3] ||
+      gd[0] != xd[0] || dxd.size() != 4 || dkd.size() != 3 ||
+      !std::equal(xd.begin(), xd.end(), dxd.begin()) ||
+      !std::equal(kd.begin(), kd.end(), dkd.begin())) {
+    return ffi::Error::InvalidArgument(
+        "depthwise backward: x [N,H,W,C], dy [N,Ho,Wo,C], k [kh,kw,C]; dx and dk shaped as x, k");
+  }
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], gd[1], gd[2], sh, sw, ph, pw};
+  if (auto e = Check(g); e.failure()) return e;
+  Backward(x.typed_data(), dy.typed_data(), k.typed_data(), dx->typed_data(), dk->typed_data(),
+           g);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define QAT_JAX_ATTRS                                                                       \
+  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("ph").Attr<int64_t>("pw")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QatJaxDepthwiseForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() QAT_JAX_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QatJaxDepthwiseBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() QAT_JAX_ATTRS);
