@@ -71,24 +71,35 @@ def test_binary_shortcut_key_and_reactnet_turn_the_shortcut_on():
     assert model.rprelu and not hasattr(model, "binary_shortcut")
 
 
-def test_faithful_config_is_the_default_with_the_recipe_switches_off():
-    """configs/faithful.py differs from configs/default.py in the recipe's switches only."""
-    default = load_config_file(os.path.join(ROOT, "configs", "default.py")).to_dict()
-    faithful = load_config_file(os.path.join(ROOT, "configs", "faithful.py")).to_dict()
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
 
-    a, b = flat(default), flat(faithful)
+@pytest.mark.parametrize(
+    "base, acts_first, warmup", [("default", 40, 5), ("study", 250, 20)], ids=["default", "study"]
+)
+def test_faithful_config_is_its_base_with_the_recipe_switches_off(base, acts_first, warmup):
+    """configs/faithful.py[:study] differs from configs/<base>.py in the recipe's switches only."""
+    recipe = load_config_file(os.path.join(ROOT, "configs", f"{base}.py")).to_dict()
+    arg = "" if base == "default" else f":{base}"
+    faithful = load_config_file(os.path.join(ROOT, "configs", f"faithful.py{arg}"))
+    with pytest.raises(AttributeError):  # locked like every config
+        faithful.no_such_key = 1
+    a, b = _flat(recipe), _flat(faithful.to_dict())
     assert a.keys() == b.keys()
     changed = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     assert changed == {
         "model.binary_shortcut": (True, False),
         "quant.fp_kinds": (("depthwise",), ()),
-        "schedule.acts_first_steps": (40, 0),
+        "schedule.acts_first_steps": (acts_first, 0),
         "optim.schedule": ("per_stage", "global"),
-        "optim.warmup_steps": (5, 0),
+        "optim.warmup_steps": (warmup, 0),
     }
+
+
+def test_faithful_config_rejects_an_unknown_base():
+    with pytest.raises(ValueError, match="base must be one of"):
+        load_config_file(os.path.join(ROOT, "configs", "faithful.py:tiny"))

@@ -11,7 +11,12 @@ __all__ = ["load_config_file", "load_sibling"]
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of the config file at ``path`` (what ``--config=path`` gives)."""
+    """``get_config()`` of the config file at ``path`` (what ``--config=path`` gives).
+
+    ``path:arg`` calls ``get_config(arg)``, as ``ml_collections.config_flags`` does for
+    ``--config=path:arg`` (e.g. ``configs/faithful.py:study``).
+    """
+    path, sep, arg = path.partition(":")
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config file at {path}")
@@ -19,7 +24,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if sep else module.get_config()
 
 
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
