@@ -1,11 +1,13 @@
 // Depthwise 2-D convolution (channel multiplier 1), NHWC, float32, on XLA:CPU through the XLA FFI.
 //
-// Two handlers: the forward conv, and its input and kernel gradients in one pass
+// Two handlers: the forward conv, and its input and kernel gradients in one call
 // (qat_jax/kernels/depthwise.py wires them into one jax.custom_vjp). XLA:CPU has no fast depthwise
 // conv: lax.conv with feature_group_count runs a generic grouped conv, and the shifted-tap sum
 // that qat_jax.ops uses instead materialises one shifted view per tap for the kernel gradient.
-// Here each pass reads its inputs once, tap by tap over the channels (the innermost, contiguous
-// axis, which the compiler vectorises).
+// Here every pass works one row at a time: for each tap, one sweep along the row, the channels
+// (the innermost, contiguous axis) vectorised by the compiler; each output pixel sums its taps in
+// row-major tap order. The backward pass works image by image, so an image's x, dy and dx stay
+// in the cache between its input-gradient and kernel-gradient sweeps.
 //
 // Work is split over the batch (or output rows) into one contiguous part per CPU of the process.
 // The kernel gradient sums each output row in float, the rows of a part in double, and the parts
@@ -55,23 +57,35 @@ void ParallelFor(int64_t n, int parts, F f) {
 
 int Parts(int64_t n) { return static_cast<int>(std::min<int64_t>(HostThreads(), n)); }
 
+// The output columns ow whose tap j reads an input column inside [0, w): iw = ow*s + j - p.
+inline void ValidColumns(const Geometry& g, int64_t j, int64_t* ow0, int64_t* ow1) {
+  const int64_t lo = g.pw - j;  // ow*s >= lo
+  const int64_t hi = g.w - 1 + g.pw - j;  // ow*s <= hi
+  *ow0 = lo <= 0 ? 0 : (lo + g.sw - 1) / g.sw;
+  *ow1 = hi < 0 ? 0 : std::min(g.wo, hi / g.sw + 1);
+}
+
+// One output row per task: for each tap, one sweep along the row (the row stays in the cache and
+// each output pixel still sums its taps in row-major tap order).
 void Forward(const float* x, const float* k, float* y, const Geometry& g) {
   const int64_t c = g.c;
   ParallelFor(g.n * g.ho, Parts(g.n * g.ho), [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.ho, oh = r % g.ho;
-      for (int64_t ow = 0; ow < g.wo; ++ow) {
-        float* __restrict__ out = y + (r * g.wo + ow) * c;
-        std::memset(out, 0, sizeof(float) * c);
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t ih = oh * g.sh + i - g.ph;
-          if (ih < 0 || ih >= g.h) continue;
-          for (int64_t j = 0; j < g.kw; ++j) {
-            const int64_t iw = ow * g.sw + j - g.pw;
-            if (iw < 0 || iw >= g.w) continue;
-            const float* __restrict__ xi = x + ((n * g.h + ih) * g.w + iw) * c;
-            const float* __restrict__ kk = k + (i * g.kw + j) * c;
-            for (int64_t ch = 0; ch < c; ++ch) out[ch] += xi[ch] * kk[ch];
+      float* __restrict__ out = y + r * g.wo * c;
+      std::memset(out, 0, sizeof(float) * g.wo * c);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh + i - g.ph;
+        if (ih < 0 || ih >= g.h) continue;
+        const float* __restrict__ xrow = x + (n * g.h + ih) * g.w * c;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const float* __restrict__ kk = k + (i * g.kw + j) * c;
+          int64_t ow0, ow1;
+          ValidColumns(g, j, &ow0, &ow1);
+          for (int64_t ow = ow0; ow < ow1; ++ow) {
+            const float* __restrict__ xi = xrow + (ow * g.sw + j - g.pw) * c;
+            float* __restrict__ o = out + ow * c;
+            for (int64_t ch = 0; ch < c; ++ch) o[ch] += xi[ch] * kk[ch];
           }
         }
       }
@@ -79,39 +93,53 @@ void Forward(const float* x, const float* k, float* y, const Geometry& g) {
   });
 }
 
-// The input gradient (scattered from each output position to the taps it read) and the kernel
-// gradient (each tap's input times the output gradient) in one pass over dy and x. Each part owns
-// a contiguous range of images, so its dx rows are its own; its kernel-gradient sums are combined
-// after the join.
+// The input gradient and the kernel gradient, image by image (an image's x, dy and dx stay in
+// the cache between the two sweeps): dx row by row, each row gathered from the dy rows that read
+// it and written once; then the kernel gradient, output row by output row. Each part owns a
+// contiguous range of images; its kernel-gradient sums are combined after the join.
 void Backward(const float* x, const float* dy, const float* k, float* dx, float* dk,
               const Geometry& g) {
   const int64_t c = g.c, taps = g.kh * g.kw;
   const int parts = Parts(g.n);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(taps * c, 0.0));
   ParallelFor(g.n, parts, [&](int64_t n0, int64_t n1, int part) {
-    std::memset(dx + n0 * g.h * g.w * c, 0, sizeof(float) * (n1 - n0) * g.h * g.w * c);
     std::vector<float> row(taps * c);
     double* __restrict__ acc = partial[part].data();
     for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t ih = 0; ih < g.h; ++ih) {
+        float* __restrict__ dxrow = dx + (n * g.h + ih) * g.w * c;
+        std::memset(dxrow, 0, sizeof(float) * g.w * c);
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t t = ih + g.ph - i;  // = oh * sh
+          if (t < 0 || t % g.sh != 0 || t / g.sh >= g.ho) continue;
+          const float* __restrict__ grow = dy + (n * g.ho + t / g.sh) * g.wo * c;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const float* __restrict__ kk = k + (i * g.kw + j) * c;
+            int64_t ow0, ow1;
+            ValidColumns(g, j, &ow0, &ow1);
+            for (int64_t ow = ow0; ow < ow1; ++ow) {
+              const float* __restrict__ gi = grow + ow * c;
+              float* __restrict__ o = dxrow + (ow * g.sw + j - g.pw) * c;
+              for (int64_t ch = 0; ch < c; ++ch) o[ch] += gi[ch] * kk[ch];
+            }
+          }
+        }
+      }
       for (int64_t oh = 0; oh < g.ho; ++oh) {
         std::fill(row.begin(), row.end(), 0.0f);
-        for (int64_t ow = 0; ow < g.wo; ++ow) {
-          const float* __restrict__ gi = dy + ((n * g.ho + oh) * g.wo + ow) * c;
-          for (int64_t i = 0; i < g.kh; ++i) {
-            const int64_t ih = oh * g.sh + i - g.ph;
-            if (ih < 0 || ih >= g.h) continue;
-            for (int64_t j = 0; j < g.kw; ++j) {
-              const int64_t iw = ow * g.sw + j - g.pw;
-              if (iw < 0 || iw >= g.w) continue;
-              const int64_t at = ((n * g.h + ih) * g.w + iw) * c;
-              const float* __restrict__ xi = x + at;
-              float* __restrict__ o = dx + at;
-              const float* __restrict__ kk = k + (i * g.kw + j) * c;
-              float* __restrict__ rr = row.data() + (i * g.kw + j) * c;
-              for (int64_t ch = 0; ch < c; ++ch) {
-                o[ch] += gi[ch] * kk[ch];
-                rr[ch] += xi[ch] * gi[ch];
-              }
+        const float* __restrict__ grow = dy + (n * g.ho + oh) * g.wo * c;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = oh * g.sh + i - g.ph;
+          if (ih < 0 || ih >= g.h) continue;
+          const float* __restrict__ xrow = x + (n * g.h + ih) * g.w * c;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            float* __restrict__ rr = row.data() + (i * g.kw + j) * c;
+            int64_t ow0, ow1;
+            ValidColumns(g, j, &ow0, &ow1);
+            for (int64_t ow = ow0; ow < ow1; ++ow) {
+              const float* __restrict__ gi = grow + ow * c;
+              const float* __restrict__ xi = xrow + (ow * g.sw + j - g.pw) * c;
+              for (int64_t ch = 0; ch < c; ++ch) rr[ch] += xi[ch] * gi[ch];
             }
           }
         }
