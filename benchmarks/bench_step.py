@@ -45,6 +45,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: What the ops of a train step are, by layer kind: ``profile_step.layer_kind`` (JAX) and
+#: ``bench_vs_torch.torch_op_kind`` (PyTorch) sort into these, in this order, so their tables
+#: compare row by row.
+STEP_KINDS = (
+    "depthwise conv",
+    "1x1 conv",
+    "other conv",
+    "batch norm",
+    "activation",
+    "dense",
+    "copies",
+    "other",
+)
+
+#: ``qat_jax.ops.IMPLS`` (not imported here: the scripts set XLA flags before jax is imported;
+#: ``tests/test_benchmarks.py`` keeps the two equal).
+CONV_IMPLS = ("auto", "xla", "cpu", "cpu_ffi")
+
+
+def add_conv_impl_flag(parser: argparse.ArgumentParser) -> None:
+    """``--conv_impl``: the benchmarked model's conv implementation (default: the config's)."""
+    parser.add_argument(
+        "--conv_impl",
+        default=None,
+        choices=CONV_IMPLS,
+        help="the model's conv implementation (default: the config's, 'auto')",
+    )
+
+
+def set_conv_impl(setup, impl: str | None) -> None:
+    """Apply ``--conv_impl`` to a setup's config (``None``: keep the config's)."""
+    if impl:
+        setup.config.model.conv_impl = impl
+
+
 SETUPS = {
     # name: (config file, batch size or None for the config's, num_classes, image shape)
     "mnv2_c100": ("configs/cifar100_mobilenetv2.py", 128, 100, (32, 32, 3)),

@@ -576,17 +576,8 @@ def torch_train_step(model, teacher, optimizer, meta_mode: dict):
     return step
 
 
-#: ``torch_op_kind``'s kinds, in the order tables list them (``profile_step.LAYER_KINDS``'s names).
-TORCH_OP_KINDS = (
-    "depthwise conv",
-    "1x1 conv",
-    "other conv",
-    "batch norm",
-    "activation",
-    "dense",
-    "copies",
-    "other",
-)
+#: ``torch_op_kind``'s kinds (``bench_step.STEP_KINDS``, shared with ``profile_step.py``).
+TORCH_OP_KINDS = bench_step.STEP_KINDS
 
 
 def torch_op_kind(name: str, input_shapes) -> str:
@@ -687,8 +678,7 @@ def jax_worker(args, outdir: str) -> dict:
     load_before = _load_info()
     log = bench_step.CompileLog()
     setup = make_setup(args.setup, args.batch_size)
-    if args.conv_impl:
-        setup.config.model.conv_impl = args.conv_impl
+    bench_step.set_conv_impl(setup, args.conv_impl)
     modes = tuple(args.modes)
     with chrono.timing("build"):
         bench = bench_step.Bench(setup, methods=modes)
@@ -974,12 +964,7 @@ def parse_args(argv=None):
         default="none",
         help="JAX's persistent compilation cache (default off: the first step compiles)",
     )
-    p.add_argument(
-        "--conv_impl",
-        default=None,
-        choices=("auto", "xla", "cpu", "cpu_ffi"),
-        help="the JAX model's conv implementation (default: the config's, 'auto')",
-    )
+    bench_step.add_conv_impl_flag(p)
     p.add_argument(
         "--profile",
         action="store_true",

@@ -46,6 +46,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_step  # noqa: E402  (jax-free: XLA's flags are set in profile(), before jax's)
+
 # ``%name = shape opcode(... op_name="...")``; a tuple shape (``(f32[..], f32[..])``) has spaces.
 _OP_LINE = re.compile(
     r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) [\w\-]+\(.*?op_name=\"([^\"]*)\""
@@ -82,17 +85,8 @@ def op_layer(jax_name: str | None) -> str:
     return "other"
 
 
-#: ``layer_kind``'s kinds, in the order tables list them (``bench_vs_torch.TORCH_OP_KINDS``).
-LAYER_KINDS = (
-    "depthwise conv",
-    "1x1 conv",
-    "other conv",
-    "batch norm",
-    "activation",
-    "dense",
-    "copies",
-    "other",
-)
+#: ``layer_kind``'s kinds (``bench_step.STEP_KINDS``, shared with ``bench_vs_torch.py``).
+LAYER_KINDS = bench_step.STEP_KINDS
 
 
 def layer_kind(layer: str) -> str:
@@ -200,8 +194,7 @@ def profile(args) -> dict:
         setup = bench_vs_torch.make_setup(args.setup, args.batch_size)
     else:
         setup = bench_step.load_setup(args.setup, args.batch_size)
-    if args.conv_impl:
-        setup.config.model.conv_impl = args.conv_impl
+    bench_step.set_conv_impl(setup, args.conv_impl)
     methods = ("fp", "xnor", "bitat") if args.mode == "bitat" else ("fp", "xnor")
     bench = bench_step.Bench(setup, methods=methods)
     if args.model == "vs_torch" and args.mode == "xnor":
@@ -255,12 +248,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setup", default="default", choices=("default", "tiny", "mnv2_c100"))
     p.add_argument("--mode", default="fp", choices=("fp", "xnor", "bitat"))
-    p.add_argument(
-        "--conv_impl",
-        default=None,
-        choices=("auto", "xla", "cpu", "cpu_ffi"),
-        help="the model's conv implementation (default: the config's)",
-    )
+    bench_step.add_conv_impl_flag(p)
     p.add_argument(
         "--model",
         default="job",

@@ -28,9 +28,10 @@ from jax import lax
 
 from qat_jax.kernels import depthwise
 
-__all__ = ["conv2d", "extract_patches", "same_padding", "resolve_impl"]
+__all__ = ["IMPLS", "conv2d", "extract_patches", "same_padding", "resolve_impl"]
 
-_IMPLS = ("auto", "xla", "cpu", "cpu_ffi")
+#: The conv implementations of :func:`conv2d` (``impl``).
+IMPLS = ("auto", "xla", "cpu", "cpu_ffi")
 
 
 def same_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -40,8 +41,8 @@ def same_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 def resolve_impl(impl: str) -> str:
     """Map ``'auto'`` to ``'cpu'`` on the CPU backend and ``'xla'`` elsewhere."""
-    if impl not in _IMPLS:
-        raise ValueError(f"conv impl must be one of {_IMPLS}, got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
     if impl == "cpu_ffi" and jax.default_backend() != "cpu":

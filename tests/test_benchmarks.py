@@ -212,3 +212,14 @@ def test_bn_reestimation_reproduces_the_runs_accuracy(tmp_path):
     assert all(0.0 <= a <= 1.0 for row in rows for a in row.values())
     with pytest.raises(ValueError, match="counts must be"):
         bn.bn_accuracies(config, str(tmp_path / "run"), ["0"], window=1)
+
+
+def test_benchmarks_conv_impls_are_the_ops():
+    """``--conv_impl``'s choices (kept jax-free in bench_step.py) are ``qat_jax.ops.IMPLS``."""
+    from qat_jax import ops
+
+    assert _load("bench_step").CONV_IMPLS == ops.IMPLS
+    args = _load("profile_step").parse_args(["--conv_impl=cpu_ffi", "--model=vs_torch"])
+    assert args.conv_impl == "cpu_ffi"
+    with pytest.raises(SystemExit):
+        _load("profile_step").parse_args(["--conv_impl=ffi"])
