@@ -30,6 +30,10 @@ CASES = [
     (2, 6, 7, 3, (3, 3), (1, 1), 0),
     (2, 5, 5, 8, (1, 3), (1, 1), 0),
     (1, 4, 4, 2, (3, 3), (2, 2), 3),  # padding wider than the kernel: border outputs are 0
+    # channel counts with a compile-time inner loop in the kernel (32-96) and 16 (run-time)
+    (2, 6, 7, 32, (3, 3), (2, 2), 1),
+    (1, 5, 6, 96, (3, 3), (1, 1), 1),
+    (2, 6, 6, 16, (3, 3), (1, 1), 1),
 ]
 
 

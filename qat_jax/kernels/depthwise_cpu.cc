@@ -67,8 +67,9 @@ inline void ValidColumns(const Geometry& g, int64_t j, int64_t* ow0, int64_t* ow
 
 // One output row per task: for each tap, one sweep along the row (the row stays in the cache and
 // each output pixel still sums its taps in row-major tap order).
-void Forward(const float* x, const float* k, float* y, const Geometry& g) {
-  const int64_t c = g.c;
+template <int64_t kC>
+void ForwardT(const float* x, const float* k, float* y, const Geometry& g) {
+  const int64_t c = kC > 0 ? kC : g.c;
   ParallelFor(g.n * g.ho, Parts(g.n * g.ho), [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.ho, oh = r % g.ho;
@@ -93,13 +94,27 @@ void Forward(const float* x, const float* k, float* y, const Geometry& g) {
   });
 }
 
+// The common channel counts of 32 to 96 get a compile-time inner trip count (whole vectors, no
+// remainder loop: 10-20 % off those layers, measured); 16 channels ran slower that way (the
+// forward 1.6x, the backward 2.3x, on AVX-512) and stay on the run-time loop with the rest.
+void Forward(const float* x, const float* k, float* y, const Geometry& g) {
+  switch (g.c) {
+    case 32: return ForwardT<32>(x, k, y, g);
+    case 48: return ForwardT<48>(x, k, y, g);
+    case 64: return ForwardT<64>(x, k, y, g);
+    case 96: return ForwardT<96>(x, k, y, g);
+    default: return ForwardT<0>(x, k, y, g);
+  }
+}
+
 // The input gradient and the kernel gradient, image by image (an image's x, dy and dx stay in
 // the cache between the two sweeps): dx row by row, each row gathered from the dy rows that read
 // it and written once; then the kernel gradient, output row by output row. Each part owns a
 // contiguous range of images; its kernel-gradient sums are combined after the join.
-void Backward(const float* x, const float* dy, const float* k, float* dx, float* dk,
-              const Geometry& g) {
-  const int64_t c = g.c, taps = g.kh * g.kw;
+template <int64_t kC>
+void BackwardT(const float* x, const float* dy, const float* k, float* dx, float* dk,
+               const Geometry& g) {
+  const int64_t c = kC > 0 ? kC : g.c, taps = g.kh * g.kw;
   const int parts = Parts(g.n);
   std::vector<std::vector<double>> partial(parts, std::vector<double>(taps * c, 0.0));
   ParallelFor(g.n, parts, [&](int64_t n0, int64_t n1, int part) {
@@ -151,6 +166,17 @@ void Backward(const float* x, const float* dy, const float* k, float* dx, float*
     double s = 0.0;
     for (int p = 0; p < parts; ++p) s += partial[p][t];
     dk[t] = static_cast<float>(s);
+  }
+}
+
+void Backward(const float* x, const float* dy, const float* k, float* dx, float* dk,
+              const Geometry& g) {
+  switch (g.c) {
+    case 32: return BackwardT<32>(x, dy, k, dx, dk, g);
+    case 48: return BackwardT<48>(x, dy, k, dx, dk, g);
+    case 64: return BackwardT<64>(x, dy, k, dx, dk, g);
+    case 96: return BackwardT<96>(x, dy, k, dx, dk, g);
+    default: return BackwardT<0>(x, dy, k, dx, dk, g);
   }
 }
 
