@@ -179,8 +179,6 @@ def profile(args) -> dict:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={hlo_dir}"
     ).strip()
-    sys.path.insert(0, HERE)
-    import bench_step
     import jax
     import numpy as np
 
@@ -287,9 +285,6 @@ def main(argv=None) -> dict:
     print()
     print(format_kinds(agg["by_kind"], agg["total_ms"]))
     if args.json:
-        sys.path.insert(0, HERE)
-        import bench_step
-
         bench_step.write_json(args.json, r)
     return r
 
