@@ -30,6 +30,7 @@ import numpy as np
 
 from qat_jax import ops
 from qat_jax.layers import INPUT_STATS, BinaryConv, BinaryDense
+from qat_jax.models.batchnorm import BatchNorm
 from qat_jax.tree import from_leaves_with_paths, get_path, leaves_with_paths
 
 __all__ = [
@@ -166,8 +167,9 @@ def batch_norm(
     axis_name: str | None = None,
     dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.BatchNorm:
-    """A BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, ``eps=1e-5``).
+) -> BatchNorm:
+    """A BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, ``eps=1e-5``): Flax's
+    function and variables with a hand-written backward pass (:mod:`qat_jax.models.batchnorm`).
 
     Args:
       train: ``True`` normalises with batch statistics (and updates the running ones).
@@ -176,7 +178,7 @@ def batch_norm(
       dtype: compute dtype (statistics and parameters stay float32).
       name: module name.
     """
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=1e-5,

@@ -37,8 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qat_jax import layers as qlayers
+from qat_jax.models.batchnorm import BatchNorm
 from qat_jax.models.common import Conv
 from qat_jax.tree import get_path
+
+#: The zoo's BatchNorm and Flax's (a model of the user's own).
+_BATCH_NORMS = (BatchNorm, nn.BatchNorm)
 
 __all__ = ["LayerRow", "ModelSummary", "model_summary", "format_summary"]
 
@@ -140,7 +144,7 @@ def model_summary(
 
     Args:
       model: any model of the zoo (or any module built from ``Conv``/``BinaryConv``/
-        ``BinaryDense``/``nn.Dense``/``nn.BatchNorm``, called as ``apply(v, x, train=False)``).
+        ``BinaryDense``/``nn.Dense``/a BatchNorm, called as ``apply(v, x, train=False)``).
       variables: its variables (concrete, or ``jax.ShapeDtypeStruct`` leaves when ``binary`` is
         not ``'modes'``).
       binary: ``'modes'``: a quantizable layer is binary when its ``qstate/w_mode`` is not FP
@@ -155,7 +159,7 @@ def model_summary(
         raise ValueError(f"binary must be one of {_BINARY_MODES}, got {binary!r}")
     variables = flax.core.unfreeze(variables)
     records: list[tuple[nn.Module, tuple, tuple]] = []
-    tracked = (Conv, qlayers.BinaryConv, qlayers.BinaryDense, nn.Dense, nn.BatchNorm)
+    tracked = (Conv, qlayers.BinaryConv, qlayers.BinaryDense, nn.Dense) + _BATCH_NORMS
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -182,7 +186,7 @@ def model_summary(
                 kind = type(module).__name__.lower()
                 rows.append(LayerRow(name, kind, False, n_params, 32 * n_params, 0, 0))
             continue
-        if isinstance(module, nn.BatchNorm):
+        if isinstance(module, _BATCH_NORMS):
             rows.append(LayerRow(name, "batchnorm", False, n_params, 32 * n_params, 0, 0))
             continue
         kernel = p["kernel"]
