@@ -13,7 +13,8 @@ Layout conventions (used everywhere in qat_jax):
 (``feature_group_count``) and 1x1 convolutions, so on CPU depthwise convs run as ``kh*kw`` shifted
 multiply-adds and 1x1 convs as an einsum (``'cpu'``); on GPU/TPU ``lax.conv_general_dilated`` is
 used (``'xla'``). ``'cpu_ffi'`` is ``'cpu'`` with the float32 depthwise convs computed by compiled
-kernels (:mod:`qat_jax.kernels.depthwise`), built on first use. All implementations compute the
+kernels (:mod:`qat_jax.kernels.depthwise`), built on first use; ``'auto'`` picks it on CPU
+wherever it builds. All implementations compute the
 same function (tested in ``tests/test_ops.py`` and ``tests/test_kernels.py``).
 """
 
@@ -40,11 +41,14 @@ def same_padding(kernel_size: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 
 def resolve_impl(impl: str) -> str:
-    """Map ``'auto'`` to ``'cpu'`` on the CPU backend and ``'xla'`` elsewhere."""
+    """Map ``'auto'`` to ``'xla'`` on GPU/TPU and, on the CPU backend, to ``'cpu_ffi'`` where the
+    compiled kernels build (:func:`qat_jax.kernels.depthwise.available`), else ``'cpu'``."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "cpu_ffi" if depthwise.available() else "cpu"
     if impl == "cpu_ffi" and jax.default_backend() != "cpu":
         raise ValueError(
             f"conv impl 'cpu_ffi' runs on the CPU backend only, not {jax.default_backend()!r}: "

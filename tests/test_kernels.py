@@ -179,3 +179,23 @@ def test_cpu_ffi_is_a_cpu_impl():
     assert ops.resolve_impl("cpu_ffi") == "cpu_ffi"  # the tests run on the CPU backend
     with pytest.raises(ValueError, match="conv impl must be one of"):
         ops.resolve_impl("ffi")
+
+
+def test_auto_uses_the_kernel_where_it_builds_and_falls_back_with_one_warning(monkeypatch):
+    assert depthwise.available() and ops.resolve_impl("auto") == "cpu_ffi"
+
+    def unavailable():
+        raise build.KernelUnavailable("no C++ compiler: 'c++' is not on PATH (set $CXX)")
+
+    depthwise.available.cache_clear()
+    try:
+        monkeypatch.setattr(depthwise, "ensure_loaded", unavailable)
+        with pytest.warns(RuntimeWarning, match="shifted-tap path"):
+            assert ops.resolve_impl("auto") == "cpu"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process, not once per conv
+            assert ops.resolve_impl("auto") == "cpu"
+    finally:
+        depthwise.available.cache_clear()

@@ -127,7 +127,8 @@ def test_conv2d_explicit_padding_and_asymmetric_strides(rng):
 
 
 def test_resolve_impl():
-    assert resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    # tests/test_kernels.py: 'auto' falls back to 'cpu' where the kernels do not build
+    assert resolve_impl("auto") == ("cpu_ffi" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl("xla") == "xla" and resolve_impl("cpu") == "cpu"
     with pytest.raises(ValueError):
         resolve_impl("cuda")

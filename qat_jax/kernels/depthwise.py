@@ -7,12 +7,13 @@ gradients in one pass over the output gradient. The forward kernel sums the taps
 :mod:`qat_jax.ops`' shifted-tap path (row by row, left to right); the gradients are sums in
 another order. All equal ``lax.conv``'s to float rounding (``tests/test_kernels.py``).
 
-Used by :func:`qat_jax.ops.conv2d` with ``impl='cpu_ffi'``.
+Used by :func:`qat_jax.ops.conv2d` with ``impl='cpu_ffi'`` (and ``'auto'`` on CPU where it builds).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -20,12 +21,29 @@ import numpy as np
 
 from qat_jax.kernels import build
 
-__all__ = ["depthwise_conv2d", "ensure_loaded", "supports"]
+__all__ = ["available", "depthwise_conv2d", "ensure_loaded", "supports"]
 
 _TARGETS = (
     ("qat_jax_depthwise_forward", "QatJaxDepthwiseForward"),
     ("qat_jax_depthwise_backward", "QatJaxDepthwiseBackward"),
 )
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels build and load here (once per process). When they do not, ``'auto'``
+    falls back to the shifted-tap path: one warning says why."""
+    try:
+        ensure_loaded()
+    except build.KernelUnavailable as e:
+        warnings.warn(
+            f"qat_jax: compiled depthwise kernel unavailable ({e}); conv_impl='auto' uses the "
+            "slower shifted-tap path on CPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def ensure_loaded() -> str:
