@@ -66,8 +66,13 @@ def _bn_input_moments(model, variables, images):
     import flax.linen as nn
     import jax.numpy as jnp
 
+    from qat_jax.models.batchnorm import BatchNorm
+
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+        if (
+            isinstance(context.module, BatchNorm | nn.BatchNorm)
+            and context.method_name == "__call__"
+        ):
             x = args[0]
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes)
