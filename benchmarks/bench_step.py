@@ -242,14 +242,16 @@ class Bench:
                     ms.config, qmodels.quantizable_layers(variables)
                 )
                 self.controllers[method] = experiment.create_controller(ms.config, qlayer_list)
-            # As the trainer's: the FP phase is cross-entropy only; the QAT steps run the KD
-            # teacher with the static FP model.
+            # As the trainer's: the FP phase is cross-entropy only on the static FP model; the
+            # QAT steps run the KD teacher with the static FP model.
             lc = experiment.loss_config(ms.config, fp_phase=not settings.quantize)
-            teacher_model = qmodels.static_fp(model) if settings.quantize else None
-            self.steps_fn[method] = parallel.pmap(
-                steps.make_train_step(model, tx, lc, teacher_model=teacher_model),
-                donate_argnums=(0,),
+            fp_model = qmodels.static_fp(model)
+            step = (
+                steps.make_train_step(model, tx, lc, teacher_model=fp_model)
+                if settings.quantize
+                else steps.make_train_step(fp_model, tx, lc)
             )
+            self.steps_fn[method] = parallel.pmap(step, donate_argnums=(0,))
         # The KD teacher: the QAT model's own FP variables (every mode 0), as in the trainer.
         self.teachers = {
             m: parallel.replicate(

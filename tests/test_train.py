@@ -231,6 +231,37 @@ def test_static_fp_teacher_gives_the_same_step():
 
 
 @pytest.mark.slow
+def test_static_fp_model_gives_the_fp_phase_step():
+    """The trainer's FP-phase step runs ``static_fp(model)``: from FP variables (every mode 0) two
+    steps give the switched model's parameters, Adam moments, BN statistics and metrics."""
+    model = _model(rprelu=True, binary_shortcut=True)
+    tx = optax.adam(1e-2)
+    state, _ = _state(model, tx, binarize=False)
+    cfg = steps.LossConfig(label_smoothing=0.1)
+    out = {}
+    for name, m in (("switched", model), ("static", static_fp(model))):
+        fn = _pmapped(steps.make_train_step(m, tx, cfg), 2)
+        s = _rep(state, 2)
+        for i in range(2):
+            s, metrics = fn(s, _split(_batch(8, 20 + i), 2), _rep(jax.random.PRNGKey(i), 2), None)
+        out[name] = (s, metrics)
+    (s_a, m_a), (s_b, m_b) = out["switched"], out["static"]
+    assert float(m_b["loss"][0]) == pytest.approx(float(m_a["loss"][0]), rel=1e-6)
+    assert float(m_b["grad_norm"][0]) == pytest.approx(float(m_a["grad_norm"][0]), rel=1e-5)
+    moved = [
+        np.abs(np.asarray(b) - np.asarray(a)).max()
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s_a.params), strict=True)
+    ]
+    assert max(moved) > 1e-3  # the steps did train
+    for a, b in zip(
+        jax.tree.leaves((s_a.params, s_a.opt_state, s_a.state)),
+        jax.tree.leaves((s_b.params, s_b.opt_state, s_b.state)),
+        strict=True,
+    ):
+        assert_close_to_scale(b, a, 1e-5)
+
+
+@pytest.mark.slow
 def test_nonfinite_step_leaves_state_unchanged():
     model = _model(quant=NO_TRANSFORM)
     tx = optax.adam(1e-2)

@@ -125,6 +125,7 @@ def create_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     # optim.schedule: 'global' (one cosine over all QAT steps) or 'per_stage' (restarted).
     lr_qat = schedules.qat_schedule(config.optim, controller, controller.total_steps - fp_steps)
     tx_fp = experiment.create_optimizer(fp, lr_fp)
+    fp_model = qmodels.static_fp(model)
     tx_qat = experiment.create_optimizer(config.optim, lr_qat)
     fp_loss, qat_loss = (
         experiment.loss_config(config, fp_phase=True),
@@ -144,16 +145,14 @@ def create_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         ),
         train_iter=train_iter,
         tx_qat=tx_qat,
+        # The FP phase (every mode 0) and the KD teacher's forward pass run the FP model without
+        # the per-layer switches (qmodels.static_fp): the same values, and neither program
+        # compiles (or runs) the binary paths.
         p_train_fp=parallel.pmap(
-            steps.make_train_step(model, tx_fp, fp_loss, lr_fp), donate_argnums=(0,)
+            steps.make_train_step(fp_model, tx_fp, fp_loss, lr_fp), donate_argnums=(0,)
         ),
-        # The KD teacher's forward pass runs the FP model without the per-layer switches
-        # (qmodels.static_fp): the same logits, and the step need not compile the binary paths
-        # a second time.
         p_train_qat=parallel.pmap(
-            steps.make_train_step(
-                model, tx_qat, qat_loss, lr_qat, teacher_model=qmodels.static_fp(model)
-            ),
+            steps.make_train_step(model, tx_qat, qat_loss, lr_qat, teacher_model=fp_model),
             donate_argnums=(0,),
         ),
         ckpt=checkpoint.RunCheckpointer(
