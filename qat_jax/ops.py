@@ -119,12 +119,15 @@ def _conv_xla(x, kernel, strides, padding, groups, precision):
 
 
 def _conv_cpu(x, kernel, strides, padding, groups, precision, ffi=False):
+    """``ffi``: ``True`` computes supported depthwise convs with the compiled kernel,
+    ``'auto'`` too where it builds (built, or found unavailable, only once such a conv is met)."""
     kh, kw, cin_g, cout = kernel.shape
     cin = x.shape[-1]
     if (
         ffi
         and kernel.dtype == x.dtype
         and depthwise.supports(x.shape, kernel.shape, x.dtype, padding, groups)
+        and (ffi is True or depthwise.available())
     ):
         return depthwise.depthwise_conv2d(x, kernel, strides, padding)
     if groups == cin and cin_g == 1 and cout == cin:
@@ -194,6 +197,10 @@ def conv2d(
     kh, kw = kernel.shape[:2]
     padding = same_padding((kh, kw)) if padding is None else tuple(map(tuple, padding))
     strides = tuple(strides)
+    if impl == "auto" and jax.default_backend() == "cpu":
+        # resolve_impl's 'auto', decided per conv: a model without depthwise convs never builds
+        # the kernel.
+        return _conv_cpu(x, kernel, strides, padding, feature_group_count, precision, ffi="auto")
     resolved = resolve_impl(impl)
     if resolved in ("cpu", "cpu_ffi"):
         return _conv_cpu(

@@ -6,6 +6,7 @@ conv to it, and a clear one-line error where it cannot be built.
 """
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -192,10 +193,24 @@ def test_auto_uses_the_kernel_where_it_builds_and_falls_back_with_one_warning(mo
         monkeypatch.setattr(depthwise, "ensure_loaded", unavailable)
         with pytest.warns(RuntimeWarning, match="shifted-tap path"):
             assert ops.resolve_impl("auto") == "cpu"
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once per process, not once per conv
             assert ops.resolve_impl("auto") == "cpu"
     finally:
         depthwise.available.cache_clear()
+
+
+def test_auto_builds_the_kernel_only_for_a_depthwise_conv(rng, monkeypatch):
+    """'auto' on CPU asks for the kernel only when a conv it computes is met: a regular conv
+    never builds (or warns about) it, a depthwise conv gives the kernel's result."""
+    calls = []
+    real = depthwise.available
+    monkeypatch.setattr(depthwise, "available", lambda: calls.append(1) or real())
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)), jnp.float32)
+    np.testing.assert_array_equal(ops.conv2d(x, k, impl="auto"), ops.conv2d(x, k, impl="cpu"))
+    assert calls == []
+    kd = jnp.asarray(rng.standard_normal((3, 3, 1, 16)), jnp.float32)
+    got = ops.conv2d(x, kd, feature_group_count=16, impl="auto")
+    np.testing.assert_array_equal(got, ops.conv2d(x, kd, feature_group_count=16, impl="cpu_ffi"))
+    assert calls == [1]
