@@ -68,6 +68,8 @@ def test_cayley_orthonormal_large_p(d, scale):
 
 
 _JIT_CAYLEY_960 = """
+import resource
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core dump
 import jax, jax.numpy as jnp
 from qat_jax.transform import cayley, orthonormality_error
 p = jax.random.normal(jax.random.PRNGKey(0), (1, 960, 960), jnp.float32) / 960**0.5
@@ -77,12 +79,11 @@ print(float(orthonormality_error(jax.jit(cayley)(p))))
 
 @pytest.mark.slow
 def test_cayley_jit_d960_runs():
-    """KNOWN BUG (kept failing on purpose): ``jax.jit(cayley)`` segfaults on XLA:CPU (jax 0.10.2)
-    for d in ~[896, 1024] (d = 960 is MobileNetV2's widest 1x1 conv input, and the train step is
-    jitted). Eager ``cayley`` and d <= 832 or d = 1280 work. Run in a subprocess so that the crash
-    cannot take the test session down."""
+    """Guards the workaround in ``qat_jax.transform.cayley``: XLA:CPU (jax 0.10.2) segfaulted on
+    the jitted ``jnp.eye(d) + P - P.T`` for d in ~[896, 1024] (d = 960 is MobileNetV2's widest
+    1x1 conv input, and the train step is jitted). Run in a subprocess so that a crash cannot take
+    the test session down; no ``preexec_fn``, which would fork the multithreaded JAX process."""
     import os
-    import resource
     import subprocess
     import sys
 
@@ -95,7 +96,6 @@ def test_cayley_jit_d960_runs():
         text=True,
         env=env,
         timeout=120,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),  # no core dump
     )
     assert res.returncode == 0, f"jit(cayley) at d=960 crashed: rc={res.returncode}"
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
