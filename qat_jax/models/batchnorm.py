@@ -45,11 +45,15 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name):
     return _forward(x, scale, bias, epsilon, axis_name)[0]
 
 
+def _normalize(x, mean, r, scale, bias):
+    """``(x - mean) * (r * scale) + bias`` with ``r = rsqrt(var + eps)``: both modes' output."""
+    return (x - mean) * (r * scale) + bias
+
+
 def _forward(x, scale, bias, epsilon, axis_name):
     mean, var = _stats(x, axis_name)
     r = lax.rsqrt(var + epsilon)
-    y = (x - mean) * (r * scale) + bias
-    return (y, mean, var), (x, mean, r, scale)
+    return (_normalize(x, mean, r, scale, bias), mean, var), (x, mean, r, scale)
 
 
 def _backward(epsilon, axis_name, res, cotangents):
@@ -101,8 +105,8 @@ class BatchNorm(nn.Module):
         out_dtype = self.dtype or x.dtype
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
-            y = (x - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
-            return y.astype(out_dtype)
+            r = lax.rsqrt(ra_var.value + self.epsilon)
+            return _normalize(x, ra_mean.value, r, scale, bias).astype(out_dtype)
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
